@@ -1,0 +1,1 @@
+"""lmx Textual app."""

@@ -1,0 +1,1 @@
+"""HTTP API: the Litestar app and its controllers."""

@@ -1,0 +1,283 @@
+"""The `lmx` command: the TUI by default, `--no-ui` for a headless server, `ls` and `run`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from server import __version__
+from server.settings import ConfigError, Settings, default_config_path
+
+
+class CliError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML config file (default: $LMX_CONFIG or ~/.config/lmx/config.toml)",
+    )
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="folder searched recursively for GGUF models (repeatable)",
+    )
+    p.add_argument("--ctx", type=int, metavar="N", help="context length per slot (default 4096)")
+    p.add_argument(
+        "--parallel", type=int, metavar="N", help="requests decoded together per model (default 4)"
+    )
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads per model")
+    p.add_argument(
+        "--gpu-layers",
+        type=int,
+        metavar="N",
+        help="layers offloaded to the GPU (-1: all, the default)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmx",
+        description="Local LLM server manager. Without a command: the terminal UI and the "
+        "API server together.",
+    )
+    parser.add_argument("--version", action="version", version=f"lmx {__version__}")
+    parser.add_argument("--no-ui", action="store_true", help="run the API server headless")
+    parser.add_argument(
+        "--no-server", action="store_true", help="TUI only, without the HTTP server"
+    )
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8421; 0: any)")
+    parser.add_argument(
+        "--api-key", help="require this key (Bearer) on every request (default: $LMX_API_KEY)"
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        metavar="N",
+        help="requests that may wait per model before 429 (default 64)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    _common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    ls = sub.add_parser("ls", help="list available models")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(ls)
+    run = sub.add_parser("run", help="answer one prompt with a model, streamed to stdout")
+    run.add_argument("model", help="model id, unique prefix, or 'default'")
+    run.add_argument("prompt", help="the user message ('-' reads standard input)")
+    run.add_argument("--system", help="system prompt")
+    run.add_argument("--max-tokens", type=int, default=512)
+    run.add_argument("--temperature", type=float, default=0.8)
+    run.add_argument("--seed", type=int)
+    _common(run)
+    return parser
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    s = Settings()
+    cfg = args.config or default_config_path()
+    if cfg is not None:
+        s.apply_file(Path(cfg))
+    env_key = os.environ.get("LMX_API_KEY")
+    if env_key:
+        s.api_key = env_key
+    for name in (
+        "host",
+        "port",
+        "api_key",
+        "ctx",
+        "parallel",
+        "threads",
+        "gpu_layers",
+        "max_queue",
+    ):
+        v = getattr(args, name, None)
+        if v is not None:
+            setattr(s, name, v)
+    if args.model_dir:
+        s.model_dirs += [d.expanduser() for d in args.model_dir]
+    s.validate()
+    return s
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"lmx: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args)
+        if args.command == "ls":
+            cmd_ls(settings, as_json=args.json)
+        elif args.command == "run":
+            cmd_run(settings, args)
+        elif args.no_ui:
+            cmd_serve(settings, args.log_level)
+        else:
+            from lmx_tui.app import run_tui
+
+            run_tui(settings, serve=not args.no_server)
+    except (CliError, ConfigError, OSError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+# ----- lmx ls --------------------------------------------------------------------------------
+
+
+def _size(n: int | None) -> str:
+    if not n:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit in ("B", "KB") else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def _params(n: int | None) -> str:
+    if not n:
+        return "-"
+    if n >= 1e9:
+        return f"{n / 1e9:.1f}B"
+    return f"{n / 1e6:.0f}M"
+
+
+def cmd_ls(settings: Settings, *, as_json: bool) -> None:
+    from server.registry import Registry
+
+    models = Registry(settings).models()
+    if as_json:
+        print(json.dumps([m.describe() for m in models], indent=2))
+        return
+    rows = [("ID", "ARCH", "PARAMS", "QUANT", "SIZE", "CTX", "SOURCE")]
+    notes = []
+    for m in models:
+        if m.usable:
+            rows.append(
+                (
+                    m.id,
+                    m.architecture or "-",
+                    _params(m.parameters),
+                    m.quantization or "-",
+                    _size(m.size_bytes),
+                    str(m.context_length or "-"),
+                    m.source,
+                )
+            )
+        else:
+            rows.append((m.id, "-", "-", "-", _size(m.size_bytes), "-", m.source))
+            notes.append(f"  {m.id}: unusable: {m.error} ({m.path})")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if notes:
+        print("\n" + "\n".join(notes))
+
+
+# ----- lmx run -------------------------------------------------------------------------------
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
+    import queue as queue_mod
+
+    from server.engines.base import Finished, GenerationRequest, SamplingParams
+    from server.errors import LmxError
+    from server.registry import Registry
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.max_tokens < 1:
+        raise CliError("--max-tokens must be at least 1")
+    if not 0 <= args.temperature <= 2:
+        raise CliError("--temperature must be between 0 and 2")
+    settings.parallel = 1
+    registry = Registry(settings)
+    try:
+        lm = registry.ensure_loaded(args.model)
+        messages: list[dict[str, Any]] = []
+        if args.system:
+            messages.append({"role": "system", "content": args.system})
+        messages.append({"role": "user", "content": prompt})
+        engine = lm.engine
+        tokens = engine.format_chat(messages)
+        room = engine.context_length - len(tokens)
+        if room <= 0:
+            raise CliError(
+                f"the prompt has {len(tokens)} tokens; the context holds {engine.context_length}"
+            )
+        req = GenerationRequest(
+            tokens,
+            min(args.max_tokens, room),
+            SamplingParams(temperature=args.temperature, seed=args.seed),
+            label="cli",
+        )
+        q: queue_mod.Queue[Any] = queue_mod.Queue()
+        gen = engine.submit(req, q.put)
+        try:
+            while True:
+                ev = q.get()
+                if isinstance(ev, Finished):
+                    break
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            gen.cancel()
+            raise
+        sys.stdout.write("\n")
+        if ev.reason == "error":
+            raise CliError(ev.error or "generation failed")
+    except LmxError as e:
+        raise CliError(e.message) from e
+    finally:
+        registry.close()
+
+
+# ----- lmx --no-ui ---------------------------------------------------------------------------
+
+
+def cmd_serve(settings: Settings, log_level: str) -> None:
+    from server.registry import Registry
+    from server.runner import address, bind_socket, make_server
+
+    refusal = settings.bind_refusal()
+    if refusal:
+        raise CliError(refusal)
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    sock = bind_socket(settings.host, settings.port)
+    registry = Registry(settings)
+    server = make_server(registry, settings, log_level=log_level)
+    host, port = address(sock)
+    usable = [m for m in registry.models() if m.usable]
+    print(
+        f"lmx {__version__}: {len(usable)} models available; serving on "
+        f"http://{host}:{port} (OpenAI API at /v1)",
+        flush=True,
+    )
+    try:
+        server.run(sockets=[sock])
+    finally:
+        registry.close()
+        sock.close()
+
+
+if __name__ == "__main__":
+    main()

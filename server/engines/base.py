@@ -1,0 +1,173 @@
+"""What every engine speaks: generation requests in, token events out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings (defaults follow llama.cpp's)."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """A tokenized prompt plus how to continue it."""
+
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    grammar: str | None = None
+    label: str = ""  # who asked (api, tui, cli): shown in logs and the requests pane
+
+
+@dataclass(frozen=True)
+class TokenText:
+    """A piece of generated text (one or more tokens' worth, stop strings held back)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Per-request figures, kept for metrics and returned with the response."""
+
+    queue_ms: float
+    ttft_ms: float
+    prompt_tokens: int
+    cached_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    total_ms: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: round(v, 2) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of a generation."""
+
+    reason: str  # stop | length | cancelled | error
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    timings: Timings | None = None
+    error: str | None = None
+
+
+Event = TokenText | Finished
+Sink = Callable[[Event], None]
+
+
+class Generation:
+    """A submitted request. The engine calls `emit`; anyone may `cancel`."""
+
+    def __init__(self, request: GenerationRequest, sink: Sink) -> None:
+        self.request = request
+        self._sink = sink
+        self._cancelled = threading.Event()
+        self.done = threading.Event()
+        self.submitted_at = time.perf_counter()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def emit(self, event: Event) -> None:
+        if self.done.is_set():
+            return
+        if isinstance(event, Finished):
+            self.done.set()
+        # A consumer that went away must never break the engine's loop.
+        with contextlib.suppress(Exception):
+            self._sink(event)
+
+
+class Engine(Protocol):
+    """One loaded model."""
+
+    @property
+    def context_length(self) -> int: ...
+
+    def format_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]: ...
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> Generation: ...
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def cancel_all(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+async def stream(
+    engine: Engine, requests: list[GenerationRequest]
+) -> AsyncIterator[tuple[int, Event]]:
+    """Submit `requests` together and yield `(index, event)` on the caller's event loop.
+
+    They decode in the same batch. Leaving the iteration early (a client that disconnected)
+    cancels every generation still running.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    def sink_for(i: int) -> Sink:
+        def sink(ev: Event) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+
+        return sink
+
+    gens: list[Generation] = []
+    try:
+        for i, req in enumerate(requests):
+            gens.append(engine.submit(req, sink_for(i)))
+        remaining = len(gens)
+        while remaining:
+            i, ev = await queue.get()
+            if isinstance(ev, Finished):
+                remaining -= 1
+            yield i, ev
+    finally:
+        for g in gens:
+            g.cancel()
+
+
+def collect(engine: Engine, request: GenerationRequest) -> tuple[str, Finished]:
+    """Run a request to the end from a plain thread (CLI, tests)."""
+    import queue as _queue
+
+    q: _queue.Queue[Event] = _queue.Queue()
+    gen = engine.submit(request, q.put)
+    parts: list[str] = []
+    try:
+        while True:
+            ev = q.get()
+            if isinstance(ev, Finished):
+                return "".join(parts), ev
+            parts.append(ev.text)
+    finally:
+        gen.cancel()

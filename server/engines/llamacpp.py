@@ -1,0 +1,656 @@
+"""The llama.cpp engine: one decode thread per model running continuous batching.
+
+Each slot owns one llama.cpp sequence id. Every step the thread puts one token per decoding
+slot and a chunk of any pending prompt into a single `llama_batch`, calls `llama_decode`, and
+samples each slot with its own sampler chain (so sampling settings and grammars never leak
+between requests). New requests join at the next step. A request reuses the longest prefix of
+its prompt already in the KV cache, its own slot's or another slot's (`llama_memory_seq_cp`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+from server.discovery import ModelInfo
+from server.engines.base import (
+    Finished,
+    Generation,
+    GenerationRequest,
+    Sink,
+    Timings,
+    TokenText,
+)
+from server.errors import EngineFailure, InvalidRequest, QueueFull
+
+log = logging.getLogger(__name__)
+
+# For a GGUF without a chat template: llama.cpp's built-in template for its family.
+BUILTIN_TEMPLATES = {
+    "gemma": "gemma",
+    "gemma2": "gemma",
+    "gemma3": "gemma",
+    "phi3": "phi3",
+    "llama": "chatml",
+    "qwen2": "chatml",
+    "qwen3": "chatml",
+}
+PENALTY_LAST_N = 64
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_backend_init()
+            # Silence llama.cpp's own logging: our logs say what matters, in one place.
+            llama_cpp.llama_log_set(_quiet_logger, ctypes.c_void_p(0))
+            _backend_ready = True
+
+
+_GGML_LOG_ERROR = 4
+
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+def _quiet_logger(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # llama.cpp's errors go to our log; its chatter only when LMX_LLAMA_LOG is set.
+    if level == _GGML_LOG_ERROR or os.environ.get("LMX_LLAMA_LOG"):
+        log.warning("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+
+def json_grammar(schema: dict[str, Any] | None) -> str:
+    """GBNF for `response_format`: any JSON object, or one matching `schema`."""
+    if schema is None:
+        return JSON_GBNF
+    import json
+
+    try:
+        return str(json_schema_to_gbnf(json.dumps(schema)))
+    except Exception as e:  # the converter raises plain exceptions on schemas it cannot map
+        raise InvalidRequest(f"Unsupported JSON schema: {e}", param="response_format") from e
+
+
+@dataclass
+class EngineOptions:
+    """How to load one model."""
+
+    n_ctx: int = 4096  # per slot
+    parallel: int = 4
+    threads: int = 0  # 0: all physical cores
+    gpu_layers: int = -1
+    max_queue: int = 64
+    n_batch: int = 512
+    chat_template: str | None = None
+
+
+@dataclass
+class _Job:
+    gen: Generation
+    sampler: Any  # llama_sampler_p
+    queued_at: float
+    started_at: float = 0.0
+    first_token_at: float = 0.0
+    pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
+    next_token: int | None = None  # sampled, to be decoded next step
+    n_gen: int = 0
+    cached: int = 0
+    text_held: str = ""
+    decoder: Any = None
+
+
+@dataclass
+class _Slot:
+    seq: int
+    tokens: list[int] = field(default_factory=list)  # what this sequence holds in the KV cache
+    job: _Job | None = None
+    last_used: float = 0.0
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class LlamaCppEngine:
+    """A loaded GGUF model serving many requests at once through llama.cpp."""
+
+    def __init__(self, info: ModelInfo, options: EngineOptions | None = None) -> None:
+        self.info = info
+        self.options = options or EngineOptions()
+        self._model: Any = None
+        self._ctx: Any = None
+        self._embed_ctx: Any = None
+        self._embed_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._pending: deque[_Job] = deque()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._slots: list[_Slot] = []
+        self.requests_total = 0
+        self.tokens_generated = 0
+        self.last_timings: Timings | None = None
+
+    # ----- loading -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load weights and create the context (blocking; call from a worker thread)."""
+        _init_backend()
+        opts = self.options
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = opts.gpu_layers
+        model = llama_cpp.llama_model_load_from_file(str(self.info.path).encode(), mparams)
+        if not model:
+            raise EngineFailure(f"llama.cpp could not load {self.info.path}")
+        self._model = model
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        n_train = llama_cpp.llama_model_n_ctx_train(model)
+        self.n_ctx_slot = max(64, min(opts.n_ctx, n_train) if n_train > 0 else opts.n_ctx)
+        self._threads = opts.threads or _physical_cores()
+        self._recurrent = bool(
+            llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
+        )
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = self.n_ctx_slot * opts.parallel
+        cparams.n_batch = opts.n_batch
+        cparams.n_ubatch = opts.n_batch
+        cparams.n_seq_max = opts.parallel
+        cparams.n_threads = self._threads
+        cparams.n_threads_batch = self._threads
+        cparams.kv_unified = True  # shared prefixes are stored once for all slots
+        # A sliding-window cache forgets old positions; a prefix copied from another slot
+        # would then be incomplete, so keep the full cache for such models.
+        cparams.swa_full = True
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            self._model = None
+            raise EngineFailure(f"llama.cpp could not create a context for {self.info.id}")
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self._batch = llama_cpp.llama_batch_init(opts.n_batch, 0, 1)
+        self._slots = [_Slot(seq=i) for i in range(opts.parallel)]
+        self._piece_buf = ctypes.create_string_buffer(256)
+        template = opts.chat_template or self.info.chat_template
+        self._formatter = self._make_formatter(template) if template else None
+        self._builtin = BUILTIN_TEMPLATES.get(self.info.architecture or "", "chatml")
+        self._bos_text = self._token_text(llama_cpp.llama_vocab_bos(self._vocab))
+        self._thread = threading.Thread(
+            target=self._run, name=f"decode:{self.info.id}", daemon=True
+        )
+        self._thread.start()
+
+    def _make_formatter(self, template: str) -> Jinja2ChatFormatter:
+        eos = self._token_text(llama_cpp.llama_vocab_eos(self._vocab))
+        bos = self._token_text(llama_cpp.llama_vocab_bos(self._vocab))
+        return Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
+
+    def _apply_builtin(self, messages: list[dict[str, Any]]) -> str:
+        msgs = (llama_cpp.llama_chat_message * len(messages))()
+        keep = []
+        for i, m in enumerate(messages):
+            role, content = str(m["role"]).encode(), str(m.get("content") or "").encode()
+            keep += [role, content]
+            msgs[i].role, msgs[i].content = role, content
+        name = self._builtin.encode()
+        size = sum(len(b) for b in keep) * 2 + 256
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_chat_apply_template(name, msgs, len(messages), True, buf, size)
+        if n > size:
+            buf = ctypes.create_string_buffer(n)
+            n = llama_cpp.llama_chat_apply_template(name, msgs, len(messages), True, buf, n)
+        if n < 0:
+            raise InvalidRequest(
+                f"llama.cpp's '{self._builtin}' template rejected the messages", param="messages"
+            )
+        return buf.raw[:n].decode("utf-8", "replace")
+
+    def _token_text(self, tok: int) -> str:
+        if tok < 0:
+            return ""
+        return self._piece(tok, special=True).decode("utf-8", "replace")
+
+    def _piece(self, tok: int, special: bool = False) -> bytes:
+        buf = self._piece_buf
+        n = llama_cpp.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, tok, buf, len(buf), 0, special)
+        return bytes(buf.raw[:n])
+
+    # ----- the model's text side ------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int:
+        return int(self.n_ctx_slot)
+
+    def tokenize(self, text: str, *, add_special: bool = True, special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, special)
+        if n < 0:
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(
+                self._vocab, data, len(data), buf, n_max, add_special, special
+            )
+        return list(buf[:n])
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self._piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        if self._formatter is None:
+            return self._apply_builtin(messages)
+        try:
+            return self._formatter(messages=messages).prompt  # type: ignore[arg-type]
+        except Exception as e:  # template errors (raise_exception, jinja) are the caller's
+            raise InvalidRequest(
+                f"The chat template rejected the messages: {e}", param="messages"
+            ) from e
+
+    def format_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        prompt = self.render_chat(messages)
+        # Templates that write the BOS text themselves must not get a second one.
+        add_special = not (self._bos_text and prompt.startswith(self._bos_text))
+        return self.tokenize(prompt, add_special=add_special, special=True)
+
+    # ----- requests ------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> Generation:
+        """Queue a request; events go to `sink` from the decode thread."""
+        gen = Generation(request, sink)
+        sampler = self._make_sampler(request)
+        job = _Job(gen=gen, sampler=sampler, queued_at=time.perf_counter())
+        with self._cond:
+            if self._closing:
+                llama_cpp.llama_sampler_free(sampler)
+                raise EngineFailure(f"{self.info.id} is unloading")
+            busy = sum(1 for s in self._slots if s.job is not None)
+            if busy >= len(self._slots) and len(self._pending) >= self.options.max_queue:
+                llama_cpp.llama_sampler_free(sampler)
+                raise QueueFull(
+                    f"{self.info.id}: all {len(self._slots)} slots are busy and "
+                    f"{len(self._pending)} requests are waiting; retry shortly."
+                )
+            self._pending.append(job)
+            self.requests_total += 1
+            self._cond.notify()
+        return gen
+
+    def _make_sampler(self, req: GenerationRequest) -> Any:
+        sp = req.sampling
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = llama_cpp.llama_sampler_chain_add
+        n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        if (sp.repeat_penalty, sp.frequency_penalty, sp.presence_penalty) != (1.0, 0.0, 0.0):
+            add(
+                chain,
+                llama_cpp.llama_sampler_init_penalties(
+                    n_vocab,
+                    PENALTY_LAST_N,
+                    sp.repeat_penalty,
+                    sp.frequency_penalty,
+                    sp.presence_penalty,
+                ),
+            )
+        if req.grammar is not None:
+            g = llama_cpp.llama_sampler_init_grammar(
+                self._vocab, req.grammar.encode("utf-8"), b"root"
+            )
+            if not g:
+                llama_cpp.llama_sampler_free(chain)
+                raise InvalidRequest(
+                    "The grammar for this response_format is invalid.", param="response_format"
+                )
+            add(chain, g)
+        if sp.temperature <= 0:
+            add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            seed = sp.seed if sp.seed is not None else random.getrandbits(32)
+            if sp.top_k > 0:
+                add(chain, llama_cpp.llama_sampler_init_top_k(sp.top_k))
+            add(chain, llama_cpp.llama_sampler_init_top_p(sp.top_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_min_p(sp.min_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_temp(sp.temperature))
+            add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "slots": len(self._slots),
+                "slots_busy": sum(1 for s in self._slots if s.job is not None),
+                "queue_depth": len(self._pending),
+                "requests_total": self.requests_total,
+                "tokens_generated": self.tokens_generated,
+            }
+
+    def cancel_all(self) -> None:
+        with self._cond:
+            for job in self._pending:
+                job.gen.cancel()
+            for s in self._slots:
+                if s.job:
+                    s.job.gen.cancel()
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Cancel everything, stop the decode thread and free llama.cpp's memory."""
+        with self._cond:
+            self._closing = True
+        self.cancel_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        with self._embed_lock:
+            if self._embed_ctx:
+                llama_cpp.llama_free(self._embed_ctx)
+                self._embed_ctx = None
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    # ----- the decode loop -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while (
+                        not self._closing
+                        and not self._pending
+                        and not any(s.job for s in self._slots)
+                    ):
+                        self._cond.wait()
+                    if self._closing and not any(s.job for s in self._slots):
+                        for job in self._pending:
+                            self._finish_unstarted(job)
+                        self._pending.clear()
+                        return
+                    self._admit()
+                self._step()
+        except Exception as e:  # never leave a client waiting on a dead thread
+            log.exception("decode loop of %s failed", self.info.id)
+            self._fail_all(f"engine failure: {e}")
+
+    def _finish_unstarted(self, job: _Job) -> None:
+        llama_cpp.llama_sampler_free(job.sampler)
+        job.gen.emit(Finished("cancelled", len(job.gen.request.prompt_tokens), 0))
+
+    def _admit(self) -> None:
+        """Move waiting jobs into free slots, reusing cached prefixes. Holds the lock."""
+        while self._pending:
+            job = self._pending[0]
+            if job.gen.cancelled:
+                self._pending.popleft()
+                self._finish_unstarted(job)
+                continue
+            free = [s for s in self._slots if s.job is None]
+            if not free:
+                return
+            self._pending.popleft()
+            prompt = job.gen.request.prompt_tokens
+            slot = max(free, key=lambda s: (_common_prefix(s.tokens, prompt), -s.last_used))
+            self._attach(slot, job, prompt)
+
+    def _attach(self, slot: _Slot, job: _Job, prompt: list[int]) -> None:
+        own = _common_prefix(slot.tokens, prompt)
+        src, best = slot, own
+        if not self._recurrent:
+            for other in self._slots:
+                if other is not slot:
+                    n = _common_prefix(other.tokens, prompt)
+                    if n > best:
+                        src, best = other, n
+        else:
+            best = 0
+        # At least one prompt token must be decoded to get logits to sample from.
+        best = min(best, len(prompt) - 1)
+        mem = self._mem
+        if src is not slot and best > 0:
+            llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
+            llama_cpp.llama_memory_seq_cp(mem, src.seq, slot.seq, 0, best)
+            slot.tokens = src.tokens[:best]
+        elif best > 0 and llama_cpp.llama_memory_seq_rm(mem, slot.seq, best, -1):
+            slot.tokens = slot.tokens[:best]
+        else:
+            llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
+            slot.tokens = []
+            best = 0
+        job.cached = best
+        job.pending = prompt[best:]
+        job.started_at = time.perf_counter()
+        job.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        slot.job = job
+
+    def _step(self) -> None:
+        batch = self._batch
+        batch.n_tokens = 0
+        samples: list[tuple[_Slot, int]] = []
+
+        def put(tok: int, pos: int, seq: int, logits: bool) -> int:
+            i = int(batch.n_tokens)
+            batch.token[i] = tok
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = logits
+            batch.n_tokens = i + 1
+            return i
+
+        active: list[_Slot] = []
+        for slot in self._slots:
+            job = slot.job
+            if job is None:
+                continue
+            if job.gen.cancelled:
+                self._finish(slot, "cancelled")
+                continue
+            active.append(slot)
+        budget = self.options.n_batch
+        # Decoding slots first: one token each keeps every running stream moving.
+        for slot in active:
+            job = slot.job
+            assert job is not None
+            if job.next_token is not None:
+                i = put(job.next_token, len(slot.tokens), slot.seq, True)
+                slot.tokens.append(job.next_token)
+                job.next_token = None
+                samples.append((slot, i))
+                budget -= 1
+        # Then prompt chunks, oldest request first, in what is left of the batch.
+        for slot in sorted(active, key=lambda s: s.job.queued_at if s.job else 0.0):
+            job = slot.job
+            if job is None or not job.pending or budget <= 0:
+                continue
+            chunk = job.pending[:budget]
+            job.pending = job.pending[len(chunk) :]
+            last = not job.pending
+            for k, tok in enumerate(chunk):
+                i = put(tok, len(slot.tokens), slot.seq, last and k == len(chunk) - 1)
+                slot.tokens.append(tok)
+            if last:
+                samples.append((slot, i))
+            budget -= len(chunk)
+        if batch.n_tokens == 0:
+            return
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        now = time.perf_counter()
+        for slot, i in samples:
+            job = slot.job
+            assert job is not None
+            tok = llama_cpp.llama_sampler_sample(job.sampler, self._ctx, i)
+            if not job.first_token_at:
+                job.first_token_at = now
+            if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+                self._finish(slot, "stop")
+                continue
+            job.n_gen += 1
+            self.tokens_generated += 1
+            if self._emit_text(job, self._piece(tok)):
+                self._finish(slot, "stop")
+            elif job.n_gen >= job.gen.request.max_tokens or (
+                len(slot.tokens) + 1 >= self.n_ctx_slot
+            ):
+                self._finish(slot, "length")
+            else:
+                job.next_token = tok
+
+    def _emit_text(self, job: _Job, piece: bytes) -> bool:
+        """Send text, holding back what could be the start of a stop string. True: stopped."""
+        text = job.text_held + job.decoder.decode(piece)
+        stops = job.gen.request.stop
+        for s in stops:
+            k = text.find(s)
+            if k >= 0:
+                if k:
+                    job.gen.emit(TokenText(text[:k]))
+                job.text_held = ""
+                return True
+        hold = 0
+        for s in stops:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        out, job.text_held = (text[:-hold], text[-hold:]) if hold else (text, "")
+        if out:
+            job.gen.emit(TokenText(out))
+        return False
+
+    def _finish(self, slot: _Slot, reason: str, error: str | None = None) -> None:
+        job = slot.job
+        assert job is not None
+        slot.job = None
+        slot.last_used = time.perf_counter()
+        tail = job.text_held + (job.decoder.decode(b"", final=True) if job.decoder else "")
+        if tail and reason in ("length", "cancelled"):
+            job.gen.emit(TokenText(tail))
+        llama_cpp.llama_sampler_free(job.sampler)
+        if job.pending:  # cancelled mid-prefill: drop the partial prompt from the cache
+            keep = len(slot.tokens)
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq, keep, -1)
+        end = time.perf_counter()
+        n_prompt = len(job.gen.request.prompt_tokens)
+        first = job.first_token_at or end
+        prefill_s = max(first - job.started_at, 1e-9)
+        decode_s = end - first
+        timings = Timings(
+            queue_ms=(job.started_at - job.queued_at) * 1000 if job.started_at else 0.0,
+            ttft_ms=(first - job.queued_at) * 1000,
+            prompt_tokens=n_prompt,
+            cached_tokens=job.cached,
+            prefill_tokens_per_s=(n_prompt - job.cached) / prefill_s,
+            decode_tokens_per_s=(job.n_gen - 1) / decode_s if job.n_gen > 1 and decode_s else 0.0,
+            total_ms=(end - job.queued_at) * 1000,
+        )
+        self.last_timings = timings
+        job.gen.emit(Finished(reason, n_prompt, job.n_gen, job.cached, timings, error))
+
+    def _fail_all(self, message: str) -> None:
+        with self._cond:
+            for slot in self._slots:
+                if slot.job:
+                    self._finish(slot, "error", message)
+            for job in self._pending:
+                llama_cpp.llama_sampler_free(job.sampler)
+                job.gen.emit(
+                    Finished("error", len(job.gen.request.prompt_tokens), 0, error=message)
+                )
+            self._pending.clear()
+            self._closing = True
+
+    # ----- embeddings ----------------------------------------------------------------------
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """One mean-pooled, L2-normalised vector per text, and the tokens read."""
+        with self._embed_lock:
+            if self._embed_ctx is None:
+                self._embed_ctx = self._make_embed_ctx()
+            ctx = self._embed_ctx
+            n_ctx = llama_cpp.llama_n_ctx(ctx)
+            n_embd = llama_cpp.llama_model_n_embd(self._model)
+            batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+            try:
+                out: list[list[float]] = []
+                total = 0
+                for text in texts:
+                    toks = self.tokenize(text, add_special=True, special=False)
+                    if not toks:
+                        raise InvalidRequest("Cannot embed an empty string.", param="input")
+                    if len(toks) > n_ctx:
+                        from server.errors import ContextOverflow
+
+                        raise ContextOverflow(len(toks), n_ctx, what="input")
+                    total += len(toks)
+                    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+                    batch.n_tokens = len(toks)
+                    for i, t in enumerate(toks):
+                        batch.token[i] = t
+                        batch.pos[i] = i
+                        batch.n_seq_id[i] = 1
+                        batch.seq_id[i][0] = 0
+                        batch.logits[i] = True
+                    rc = llama_cpp.llama_decode(ctx, batch)
+                    if rc != 0:
+                        raise EngineFailure(f"llama_decode returned {rc} while embedding")
+                    ptr = llama_cpp.llama_get_embeddings_seq(ctx, 0)
+                    vec = [float(ptr[k]) for k in range(n_embd)]
+                    norm = sum(v * v for v in vec) ** 0.5 or 1.0
+                    out.append([v / norm for v in vec])
+                return out, total
+            finally:
+                llama_cpp.llama_batch_free(batch)
+
+    def _make_embed_ctx(self) -> Any:
+        n = min(self.n_ctx_slot, 2048)
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = n
+        p.n_batch = n
+        p.n_ubatch = n
+        p.n_seq_max = 1
+        p.embeddings = True
+        p.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        p.n_threads = self._threads
+        p.n_threads_batch = self._threads
+        p.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(self._model, p)
+        if not ctx:
+            raise EngineFailure(f"could not create an embedding context for {self.info.id}")
+        return ctx
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:
+        n = None
+    return max(1, n or os.cpu_count() or 1)

@@ -1,0 +1,78 @@
+"""Domain errors. The API maps each to the client's dialect (OpenAI object or Ollama's)."""
+
+from __future__ import annotations
+
+
+class LmxError(Exception):
+    """An error with an HTTP status and an OpenAI-style type/code."""
+
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(LmxError):
+    """The request is well-formed JSON but asks for something invalid."""
+
+
+class ModelNotFound(LmxError):
+    """No available model answers to that name."""
+
+    status = 404
+    code = "model_not_found"
+
+    def __init__(self, name: str, *, hint: str = "") -> None:
+        msg = f"The model '{name}' does not exist"
+        super().__init__(msg + (f"; {hint}" if hint else "") + ".", param="model")
+
+
+class ModelUnusable(LmxError):
+    """The model is listed but its file cannot be loaded."""
+
+    status = 422
+    code = "model_unusable"
+
+
+class ContextOverflow(LmxError):
+    """The prompt does not fit the model's context window."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, prompt_tokens: int, limit: int, what: str = "prompt") -> None:
+        super().__init__(
+            f"This model's maximum context length is {limit} tokens, but the {what} has "
+            f"{prompt_tokens} tokens. Shorten the input or load the model with a larger context.",
+            param="messages",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+
+
+class QueueFull(LmxError):
+    """Every slot is busy and the wait queue is full."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+    retry_after = 1
+
+
+class EngineFailure(LmxError):
+    """The engine failed on a request that was valid (out of memory, a decode error)."""
+
+    status = 503
+    type = "server_error"
+    code = "engine_failure"
+
+
+class Unauthorized(LmxError):
+    """Missing or wrong API key."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"

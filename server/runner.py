@@ -1,0 +1,117 @@
+"""Runs the HTTP app with uvicorn: on the main thread (`--no-ui`) or on a worker thread (TUI)."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from server.api.app import create_app
+from server.registry import Registry
+from server.settings import Settings
+
+GRACEFUL_SECONDS = 2
+
+
+class PortInUse(OSError):
+    """The address is taken; the message says which."""
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind before starting uvicorn so a taken port is a clear error, and port 0 works."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUse(
+                f"port {port} on {host} is already in use; pick another with --port"
+            ) from e
+        raise PortInUse(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class LmxServer(uvicorn.Server):
+    """uvicorn's server, which also cancels generations the moment a shutdown is asked for,
+    so open streams end at once instead of holding the port."""
+
+    def __init__(self, config: uvicorn.Config, registry: Registry) -> None:
+        super().__init__(config)
+        self.registry = registry
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.registry.cancel_all()
+        super().handle_exit(sig, frame)
+
+    def request_stop(self) -> None:
+        self.registry.cancel_all()
+        self.should_exit = True
+
+
+def make_server(registry: Registry, settings: Settings, *, log_level: str = "info") -> LmxServer:
+    app = create_app(registry, settings)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+        lifespan="on",
+        access_log=log_level == "debug",
+    )
+    return LmxServer(config, registry)
+
+
+def address(sock: socket.socket) -> tuple[str, int]:
+    host, port = sock.getsockname()[:2]
+    return str(host), int(port)
+
+
+class ServerThread:
+    """The same server on a worker thread; the caller owns the main thread (TUI, tests)."""
+
+    def __init__(self, registry: Registry, settings: Settings, *, log_level: str = "warning"):
+        self.sock = bind_socket(settings.host, settings.port)
+        self.host, self.port = address(self.sock)
+        self.server = make_server(registry, settings, log_level=log_level)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="lmx-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        except BaseException as e:  # uvicorn calls sys.exit on startup failure
+            self.error = e
+
+    def start(self, timeout: float = 30) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not self.server.started:
+            raise RuntimeError(f"the HTTP server did not start: {self.error!r}")
+        return self
+
+    def stop(self, timeout: float = 10) -> None:
+        self.server.request_stop()
+        self._thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

@@ -1,0 +1,133 @@
+"""Settings: defaults, overlaid by the TOML config file, overlaid by command-line flags."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+DEFAULT_PORT = 8421
+DEFAULT_CONFIG = Path("~/.config/lmx/config.toml")
+
+
+class ConfigError(ValueError):
+    """The config file cannot be used; the message names the file and the fault."""
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Per-model overrides in `[models."<id>"]`."""
+
+    ctx: int | None = None
+    parallel: int | None = None
+    gpu_layers: int | None = None
+    chat_template: str | None = None
+
+
+class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The TOML file's shape."""
+
+    host: str | None = None
+    port: int | None = None
+    api_key: str | None = None
+    model_dirs: list[str] = []
+    ctx: int | None = None
+    parallel: int | None = None
+    threads: int | None = None
+    gpu_layers: int | None = None
+    max_queue: int | None = None
+    hf_cache: bool = True
+    models: dict[str, ModelConfig] = {}
+
+
+@dataclass
+class Settings:
+    """Everything the server and the TUI need to know at start."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    api_key: str | None = None
+    model_dirs: list[Path] = field(default_factory=list)
+    ctx: int = 4096
+    parallel: int = 4
+    threads: int = 0
+    gpu_layers: int = -1
+    max_queue: int = 64
+    include_default_model: bool = True
+    include_hf_cache: bool = True
+    hf_cache_dir: Path | None = None
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    config_path: Path | None = None
+
+    def apply_file(self, path: Path) -> None:
+        """Overlay a TOML config file. Raises ConfigError with the file and the line at fault."""
+        try:
+            raw = path.expanduser().read_bytes()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"invalid config {path}: {e}") from e
+        try:
+            cf = msgspec.convert(data, ConfigFile)
+        except msgspec.ValidationError as e:
+            raise ConfigError(f"invalid config {path}: {e}") from e
+        for name in (
+            "host",
+            "port",
+            "api_key",
+            "ctx",
+            "parallel",
+            "threads",
+            "gpu_layers",
+            "max_queue",
+        ):
+            v = getattr(cf, name)
+            if v is not None:
+                setattr(self, name, v)
+        self.model_dirs += [Path(d).expanduser() for d in cf.model_dirs]
+        self.include_hf_cache = cf.hf_cache
+        self.models.update({k.lower(): v for k, v in cf.models.items()})
+        self.config_path = path
+        self.validate()
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is out of range 0-65535")
+        if self.ctx < 64:
+            raise ConfigError(f"ctx {self.ctx} is too small (minimum 64)")
+        if not 1 <= self.parallel <= 64:
+            raise ConfigError(f"parallel {self.parallel} is out of range 1-64")
+        if self.max_queue < 0:
+            raise ConfigError("max_queue cannot be negative")
+
+    def bind_refusal(self) -> str | None:
+        """Why binding `host` is refused, or None when it is allowed."""
+        if self.api_key or is_loopback(self.host):
+            return None
+        return (
+            f"refusing to listen on {self.host} without an API key: anyone who can reach this "
+            "machine could use its models. Pass --api-key KEY (or set LMX_API_KEY), "
+            "or use --host 127.0.0.1."
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_config_path() -> Path | None:
+    env = os.environ.get("LMX_CONFIG")
+    if env:
+        return Path(env)
+    p = DEFAULT_CONFIG.expanduser()
+    return p if p.is_file() else None

