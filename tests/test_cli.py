@@ -1,0 +1,194 @@
+"""The `lmx` command as a user runs it: a real subprocess, real signals, real ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+LMX = [sys.executable, "-m", "server.cli"]
+MODEL = "smollm2-135m-instruct.q4_1"
+
+
+def lmx(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LMX, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        input=input,
+    )
+
+
+def test_version() -> None:
+    from server import __version__
+
+    r = lmx("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"lmx {__version__}"
+
+
+def test_ls_lists_the_default_model_with_its_facts() -> None:
+    r = lmx("ls")
+    assert r.returncode == 0, r.stderr
+    header, row = r.stdout.splitlines()[:2]
+    assert header.split() == ["ID", "ARCH", "PARAMS", "QUANT", "SIZE", "CTX", "SOURCE"]
+    assert row.split() == [MODEL, "llama", "135M", "Q4_1", "98.4", "MB", "8192", "default"]
+
+
+def test_ls_shows_unusable_files_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "half.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 8)
+    r = lmx("ls", "--model-dir", str(tmp_path))
+    assert r.returncode == 0
+    assert re.search(r"half: unusable: truncated", r.stdout), r.stdout
+
+
+def test_ls_json(smollm2_path: Path) -> None:
+    import json
+
+    r = lmx("ls", "--json")
+    data = json.loads(r.stdout)
+    assert data[0]["id"] == MODEL and data[0]["path"] == str(smollm2_path)
+
+
+def test_run_streams_an_answer() -> None:
+    r = lmx("run", "default", "Say hello.", "--max-tokens", "8", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_run_reads_stdin() -> None:
+    r = lmx("run", "smollm2", "-", "--max-tokens", "4", input="Say hello.")
+    assert r.returncode == 0 and r.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "no-such-model", "hi"], "no-such-model"),
+        (["run", "default", "hi", "--max-tokens", "0"], "--max-tokens"),
+        (["--no-ui", "--config", "/nonexistent/lmx.toml"], "cannot read config"),
+        (["--no-ui", "--host", "0.0.0.0", "--port", "0"], "without an API key"),
+        (["--no-ui", "--parallel", "0"], "parallel"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(args: list[str], message: str) -> None:
+    r = lmx(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmx: error:") and message in lines[0], r.stderr
+
+
+def test_bad_config_names_the_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "lmx.toml"
+    cfg.write_text("port = 9000\n[models\nctx = 1\n")
+    r = lmx("ls", "--config", str(cfg))
+    assert r.returncode == 2 and "line 2" in r.stderr
+    cfg.write_text("prot = 9000\n")
+    r = lmx("ls", "--config", str(cfg))
+    assert r.returncode == 2 and "prot" in r.stderr
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = lmx("--no-ui", "--port", str(port))
+    assert r.returncode == 2 and f"port {port}" in r.stderr and "in use" in r.stderr
+
+
+class Served:
+    def __init__(self, proc: subprocess.Popen[str], url: str) -> None:
+        self.proc, self.url = proc, url
+
+
+@contextlib.contextmanager
+def serve(*args: str) -> Iterator[Served]:
+    proc = subprocess.Popen(
+        [*LMX, "--no-ui", "--port", "0", "--ctx", "2048", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    m = re.search(r"serving on (http://\S+)", line)
+    assert m, line
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+    try:
+        yield Served(proc, m.group(1))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_within_5s_with_streams_open(sig: signal.Signals) -> None:
+    started = threading.Event()
+    with serve() as srv:
+
+        def long_stream(url: str = srv.url) -> None:
+            body = {
+                "model": MODEL,
+                "stream": True,
+                "max_tokens": 1900,
+                "messages": [{"role": "user", "content": "Write a very long story."}],
+            }
+            try:
+                with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+                    for _ in r.iter_lines():
+                        started.set()
+            except httpx.HTTPError:
+                pass
+
+        streams = [threading.Thread(target=long_stream) for _ in range(3)]
+        for t in streams:
+            t.start()
+        assert started.wait(60), "no stream started"
+        t0 = time.monotonic()
+        srv.proc.send_signal(sig)
+        srv.proc.wait(timeout=10)
+        assert time.monotonic() - t0 < 5
+        port = int(srv.url.rsplit(":", 1)[1])
+        with socket.socket() as s:  # the port is free again
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+        for t in streams:
+            t.join(10)
+            assert not t.is_alive()
+
+
+def test_api_key_is_required_when_set() -> None:
+    import openai
+
+    with serve("--api-key", "s3cret") as srv:
+        r = httpx.get(srv.url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(srv.url + "/health").status_code == 200
+        bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.models.list().data
+        srv.proc.send_signal(signal.SIGINT)
+        srv.proc.wait(10)
+
+
+def test_non_loopback_with_key_is_allowed() -> None:
+    with serve("--host", "0.0.0.0", "--api-key", "k") as srv:
+        assert httpx.get(srv.url.replace("0.0.0.0", "127.0.0.1") + "/health").status_code == 200
