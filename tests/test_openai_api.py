@@ -322,3 +322,34 @@ async def test_16_concurrent_streams_all_complete(aclient: openai.AsyncOpenAI) -
     results = await asyncio.gather(*(one(i) for i in range(16)))
     assert len(results) == 16
     assert all(text and reason in ("stop", "length") for text, reason in results)
+
+
+def test_logit_bias_and_ignore_eos(server: Any, smollm2_path: Any) -> None:
+    from llama_cpp import Llama
+
+    r = _post(
+        server,
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": HI, "max_tokens": 40, "ignore_eos": True},
+    )
+    assert r.json()["usage"]["completion_tokens"] == 40
+    body = {"model": MODEL, "prompt": "One, two, three,", "max_tokens": 1, "temperature": 0}
+    first = _post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    vocab = Llama(str(smollm2_path), vocab_only=True, verbose=False)
+    (tok,) = vocab.tokenize(first.encode(), add_bos=False)
+    banned = _post(server, "/v1/completions", {**body, "logit_bias": {str(tok): -100}}).json()
+    assert banned["choices"][0]["text"] != first
+    _assert_openai_error(
+        _post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"abc": 1}}),
+        400,
+        "logit_bias",
+    )
+    _assert_openai_error(
+        _post(
+            server,
+            "/v1/completions",
+            {"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}},
+        ),
+        400,
+        "logit_bias",
+    )

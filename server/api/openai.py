@@ -108,6 +108,10 @@ def _requests(
     if body.logprobs:
         raise InvalidRequest("logprobs are not supported.", param="logprobs")
     limit = engine.context_length
+    try:
+        bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
+    except ValueError as e:
+        raise InvalidRequest("logit_bias keys must be token ids.", param="logit_bias") from e
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     stop = [s for s in stop if s]
     out = []
@@ -123,6 +127,8 @@ def _requests(
                     sampling=_sampling(body, i),
                     stop=stop,
                     grammar=grammar,
+                    logit_bias=bias,
+                    ignore_eos=body.ignore_eos,
                     label="api",
                 )
             )
@@ -173,7 +179,7 @@ class OpenAIController(Controller):
     ) -> dict[str, Any]:
         return model_card(registry.resolve(model_id.lstrip("/")), registry)
 
-    @post("/chat/completions")
+    @post("/chat/completions", status_code=200)
     async def chat_completions(
         self, registry: NamedDependency[Registry], data: JSONBody[ChatCompletionRequest]
     ) -> Any:
@@ -235,7 +241,7 @@ class OpenAIController(Controller):
             "timings": _timings(finished),
         }
 
-    @post("/completions")
+    @post("/completions", status_code=200)
     async def completions(
         self, registry: NamedDependency[Registry], data: JSONBody[CompletionRequest]
     ) -> Any:
@@ -290,7 +296,7 @@ class OpenAIController(Controller):
             "timings": _timings(finished),
         }
 
-    @post("/embeddings")
+    @post("/embeddings", status_code=200)
     async def embeddings(
         self, registry: NamedDependency[Registry], data: JSONBody[EmbeddingRequest]
     ) -> dict[str, Any]:

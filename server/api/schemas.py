@@ -56,6 +56,8 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     n: Annotated[int, Meta(ge=1, le=16)] = 1
     logprobs: bool | None = None
+    logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
+    ignore_eos: bool = False  # lmx/llama.cpp extension: always generate max_tokens
     user: str | None = None
 
 

@@ -16,7 +16,7 @@ import os
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,12 @@ BUILTIN_TEMPLATES = {
     "qwen3": "chatml",
 }
 PENALTY_LAST_N = 64
+# ggml's CPU flash attention switches to a tiled kernel for ubatches of 64 or more query rows;
+# it rounds by 64-cell KV blocks, so a sequence's logits would depend on what else shared its
+# batch and where its cells sit. Below that, every row is computed the same way whatever the
+# batch, which makes a temperature-0 answer identical alone and batched (~15% slower cold
+# prefill, decode unchanged).
+BATCH_INVARIANT_UBATCH = 63
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -146,6 +152,8 @@ class LlamaCppEngine:
         self._slots: list[_Slot] = []
         self.requests_total = 0
         self.tokens_generated = 0
+        self.finished: Counter[str] = Counter()  # by reason, for metrics and tests
+        self.steps = 0
         self.last_timings: Timings | None = None
 
     # ----- loading -------------------------------------------------------------------------
@@ -170,11 +178,14 @@ class LlamaCppEngine:
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self.n_ctx_slot * opts.parallel
         cparams.n_batch = opts.n_batch
-        cparams.n_ubatch = opts.n_batch
+        cparams.n_ubatch = min(opts.n_batch, BATCH_INVARIANT_UBATCH)
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         cparams.n_seq_max = opts.parallel
         cparams.n_threads = self._threads
         cparams.n_threads_batch = self._threads
-        cparams.kv_unified = True  # shared prefixes are stored once for all slots
+        # One KV stream per slot: a sequence's cells stay in position order, so attention sums
+        # them in the same order whatever else is cached (see BATCH_INVARIANT_UBATCH).
+        cparams.kv_unified = False
         # A sliding-window cache forgets old positions; a prefix copied from another slot
         # would then be incomplete, so keep the full cache for such models.
         cparams.swa_full = True
@@ -193,6 +204,8 @@ class LlamaCppEngine:
         self._formatter = self._make_formatter(template) if template else None
         self._builtin = BUILTIN_TEMPLATES.get(self.info.architecture or "", "chatml")
         self._bos_text = self._token_text(llama_cpp.llama_vocab_bos(self._vocab))
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self._eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)]
         self._thread = threading.Thread(
             target=self._run, name=f"decode:{self.info.id}", daemon=True
         )
@@ -313,6 +326,19 @@ class LlamaCppEngine:
                     sp.presence_penalty,
                 ),
             )
+        bias = dict(req.logit_bias)
+        if req.ignore_eos:
+            bias.update({t: float("-inf") for t in self._eog})
+        if bias:
+            if any(not 0 <= t < n_vocab for t in bias):
+                llama_cpp.llama_sampler_free(chain)
+                raise InvalidRequest(
+                    f"logit_bias names a token outside 0..{n_vocab - 1}.", param="logit_bias"
+                )
+            arr = (llama_cpp.llama_logit_bias * len(bias))()
+            for k, (tok, b) in enumerate(bias.items()):
+                arr[k].token, arr[k].bias = tok, b  # type: ignore[assignment]
+            add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(bias), arr))
         if req.grammar is not None:
             g = llama_cpp.llama_sampler_init_grammar(
                 self._vocab, req.grammar.encode("utf-8"), b"root"
@@ -343,6 +369,7 @@ class LlamaCppEngine:
                 "queue_depth": len(self._pending),
                 "requests_total": self.requests_total,
                 "tokens_generated": self.tokens_generated,
+                "finished": dict(self.finished),
             }
 
     def cancel_all(self) -> None:
@@ -399,6 +426,7 @@ class LlamaCppEngine:
 
     def _finish_unstarted(self, job: _Job) -> None:
         llama_cpp.llama_sampler_free(job.sampler)
+        self.finished["cancelled"] += 1
         job.gen.emit(Finished("cancelled", len(job.gen.request.prompt_tokens), 0))
 
     def _admit(self) -> None:
@@ -432,8 +460,10 @@ class LlamaCppEngine:
         best = min(best, len(prompt) - 1)
         mem = self._mem
         if src is not slot and best > 0:
+            # Streams copy whole: take the other slot's cache, then cut it to the shared prefix.
             llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
-            llama_cpp.llama_memory_seq_cp(mem, src.seq, slot.seq, 0, best)
+            llama_cpp.llama_memory_seq_cp(mem, src.seq, slot.seq, -1, -1)
+            llama_cpp.llama_memory_seq_rm(mem, slot.seq, best, -1)
             slot.tokens = src.tokens[:best]
         elif best > 0 and llama_cpp.llama_memory_seq_rm(mem, slot.seq, best, -1):
             slot.tokens = slot.tokens[:best]
@@ -501,6 +531,7 @@ class LlamaCppEngine:
         rc = llama_cpp.llama_decode(self._ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
+        self.steps += 1
         now = time.perf_counter()
         for slot, i in samples:
             job = slot.job
@@ -571,6 +602,7 @@ class LlamaCppEngine:
             total_ms=(end - job.queued_at) * 1000,
         )
         self.last_timings = timings
+        self.finished[reason] += 1
         job.gen.emit(Finished(reason, n_prompt, job.n_gen, job.cached, timings, error))
 
     def _fail_all(self, message: str) -> None:
