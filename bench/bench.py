@@ -82,6 +82,7 @@ class RunResult:
     tokens: int
     seconds: float
     ttfts: list[float]
+    failed: int = 0
 
     @property
     def tps(self) -> float:
@@ -197,16 +198,22 @@ async def run_load(
 
     sem = asyncio.Semaphore(concurrency)
     results: list[tuple[int, float]] = []
+    failed = 0
 
     async def worker(i: int, client: httpx.AsyncClient) -> None:
+        nonlocal failed
         async with sem:
-            results.append(await one_request(client, url, model, messages(i), max_tokens))
+            try:
+                results.append(await one_request(client, url, model, messages(i), max_tokens))
+            except httpx.HTTPError as e:  # a peer that drops a request is reported, not fatal
+                failed += 1
+                print(f"  request {i} failed: {e!r}", file=sys.stderr)
 
     async with httpx.AsyncClient(timeout=600) as client:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(i, client) for i in range(n_requests)))
         wall = time.perf_counter() - t0
-    return RunResult(sum(t for t, _ in results), wall, [f for _, f in results])
+    return RunResult(sum(t for t, _ in results), wall, [f for _, f in results] or [wall], failed)
 
 
 def main() -> None:

@@ -80,6 +80,24 @@ def test_shared_system_prompt_is_prefilled_once(engine: LlamaCppEngine) -> None:
         assert f.timings and f.timings.cached_tokens == f.cached_tokens
 
 
+def test_requests_arriving_together_compute_a_shared_prompt_once(
+    engine: LlamaCppEngine,
+) -> None:
+    system = ("You answer questions about the weather in Lisbon, briefly. " * 30).strip()
+    system_len = len(chat(engine, ("system", system)))
+    reqs = [
+        GenerationRequest(
+            chat(engine, ("system", system), ("user", f"Day {i}?")),
+            4,
+            SamplingParams(temperature=0),
+        )
+        for i in range(4)
+    ]
+    results = sorted(f.cached_tokens for _, f in run_together(engine, reqs))
+    assert results[0] < system_len  # one request computed it...
+    assert all(c >= system_len - 8 for c in results[1:])  # ...the others copied its cells
+
+
 def test_multi_turn_prefills_only_the_new_turn(engine: LlamaCppEngine) -> None:
     turn1 = [("user", "Name a colour.")]
     text, fin1 = collect(

@@ -54,6 +54,8 @@ PENALTY_LAST_N = 64
 # batch, which makes a temperature-0 answer identical alone and batched (~15% slower cold
 # prefill, decode unchanged).
 BATCH_INVARIANT_UBATCH = 63
+# A prompt waits for another slot's prefill only when that saves at least this many tokens.
+MIN_SHARED_WAIT = 32
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -117,6 +119,9 @@ class _Job:
     cached: int = 0
     text_held: str = ""
     decoder: Any = None
+    # Another slot is prefilling a prefix this prompt shares: wait for it, then copy it.
+    waiting_on: _Slot | None = None
+    wait_until: int = 0
 
 
 @dataclass
@@ -446,6 +451,12 @@ class LlamaCppEngine:
             self._attach(slot, job, prompt)
 
     def _attach(self, slot: _Slot, job: _Job, prompt: list[int]) -> None:
+        slot.job = job
+        if not job.started_at:
+            job.started_at = time.perf_counter()
+            job.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        if self._wait_for_shared_prefill(slot, job, prompt):
+            return
         own = _common_prefix(slot.tokens, prompt)
         src, best = slot, own
         if not self._recurrent:
@@ -473,9 +484,33 @@ class LlamaCppEngine:
             best = 0
         job.cached = best
         job.pending = prompt[best:]
-        job.started_at = time.perf_counter()
-        job.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        slot.job = job
+
+    def _wait_for_shared_prefill(self, slot: _Slot, job: _Job, prompt: list[int]) -> bool:
+        """Requests that arrive together with one long system prompt: the first computes it,
+        the others wait for those cells and copy them instead of computing it again."""
+        if self._recurrent:
+            return False
+        have = max(_common_prefix(s.tokens, prompt) for s in self._slots)
+        for other in self._slots:
+            oj = other.job
+            if other is slot or oj is None or not oj.pending or oj.waiting_on is not None:
+                continue
+            n = min(_common_prefix(other.tokens + oj.pending, prompt), len(prompt) - 1)
+            if n - have >= MIN_SHARED_WAIT and n > len(other.tokens):
+                job.waiting_on, job.wait_until = other, n
+                job.pending = []
+                return True
+        return False
+
+    def _resume_waiters(self) -> None:
+        for slot in self._slots:
+            job = slot.job
+            if job is None or job.waiting_on is None:
+                continue
+            src = job.waiting_on
+            if len(src.tokens) >= job.wait_until or src.job is None or not src.job.pending:
+                job.waiting_on = None
+                self._attach(slot, job, job.gen.request.prompt_tokens)
 
     def _step(self) -> None:
         batch = self._batch
@@ -492,6 +527,7 @@ class LlamaCppEngine:
             batch.n_tokens = i + 1
             return i
 
+        self._resume_waiters()
         active: list[_Slot] = []
         for slot in self._slots:
             job = slot.job
