@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 from server import __version__
 from server.settings import ConfigError, Settings, default_config_path
+from server.units import human_params, human_size
 
 
 class CliError(Exception):
@@ -143,25 +144,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 # ----- lmx ls --------------------------------------------------------------------------------
 
 
-def _size(n: int | None) -> str:
-    if not n:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit in ("B", "KB") else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
-
-
-def _params(n: int | None) -> str:
-    if not n:
-        return "-"
-    if n >= 1e9:
-        return f"{n / 1e9:.1f}B"
-    return f"{n / 1e6:.0f}M"
-
-
 def cmd_ls(settings: Settings, *, as_json: bool) -> None:
     from server.registry import Registry
 
@@ -177,15 +159,15 @@ def cmd_ls(settings: Settings, *, as_json: bool) -> None:
                 (
                     m.id,
                     m.architecture or "-",
-                    _params(m.parameters),
+                    human_params(m.parameters),
                     m.quantization or "-",
-                    _size(m.size_bytes),
+                    human_size(m.size_bytes),
                     str(m.context_length or "-"),
                     m.source,
                 )
             )
         else:
-            rows.append((m.id, "-", "-", "-", _size(m.size_bytes), "-", m.source))
+            rows.append((m.id, "-", "-", "-", human_size(m.size_bytes), "-", m.source))
             notes.append(f"  {m.id}: unusable: {m.error} ({m.path})")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

@@ -14,6 +14,7 @@ from server.discovery import ModelInfo, discover, resolve_name
 from server.engines.llamacpp import EngineOptions, LlamaCppEngine
 from server.errors import EngineFailure, InvalidRequest, ModelNotFound, ModelUnusable
 from server.settings import Settings
+from server.telemetry import RequestLog
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Registry:
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, threading.Event] = {}
         self._listeners: list[Listener] = []
+        self.requests = RequestLog()
         self.refresh()
 
     # ----- catalogue -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ import sys
 
 def test_ruff() -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "server", "lmx_tui", "tests", "bench"],
+        [sys.executable, "-m", "ruff", "check", "."],
         capture_output=True,
         text=True,
     )

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from typing import Any
 
 from litestar import Litestar, Request, Response, get
 from litestar.connection import ASGIConnection
+from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
@@ -18,6 +20,7 @@ from server.api.openai import OpenAIController
 from server.errors import LmxError, QueueFull, Unauthorized
 from server.registry import Registry
 from server.settings import Settings
+from server.telemetry import RequestRecord
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,22 @@ def error_response(
     return Response(body, status_code=status, headers=headers)
 
 
+def _log_error(request: Request[Any, Any, Any], status: int) -> None:
+    registry = request.app.state.get("registry")
+    if registry is not None:
+        registry.requests.record(
+            RequestRecord(
+                at=time.time(),
+                method=request.method,
+                path=request.url.path,
+                model=None,
+                status=status,
+            )
+        )
+
+
 def _lmx_error(request: Request[Any, Any, Any], exc: LmxError) -> Response[Any]:
+    _log_error(request, exc.status)
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else None
     return error_response(
         request,
@@ -72,6 +90,7 @@ def _lmx_error(request: Request[Any, Any, Any], exc: LmxError) -> Response[Any]:
 
 def _validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
     message, param = _describe_validation(exc)
+    _log_error(request, 400)
     return error_response(request, 400, message, code="invalid_value", param=param)
 
 
@@ -92,6 +111,7 @@ def _describe_validation(exc: ValidationException) -> tuple[str, str | None]:
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     status = exc.status_code
+    _log_error(request, status)
     message = str(exc.detail)
     if status == 404 and message in ("Not Found", ""):
         message = f"No route for {request.method} {request.url.path}"
@@ -104,6 +124,7 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
+    _log_error(request, 500)
     return error_response(request, 500, f"Internal error: {type(exc).__name__}: {exc}")
 
 
@@ -146,6 +167,7 @@ def create_app(registry: Registry, settings: Settings | None = None) -> Litestar
             HTTPException: _http_error,
             Exception: _internal_error,
         },
+        state=State({"registry": registry}),
         openapi_config=OpenAPIConfig(title="lmx", version=__version__, path="/schema"),
         request_max_body_size=32 * 1024 * 1024,
         debug=False,

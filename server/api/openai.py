@@ -29,6 +29,7 @@ from server.engines.base import Finished, GenerationRequest, SamplingParams, Tok
 from server.engines.llamacpp import LlamaCppEngine, json_grammar
 from server.errors import ContextOverflow, EngineFailure, InvalidRequest
 from server.registry import Registry
+from server.telemetry import RequestRecord
 
 
 def model_card(info: ModelInfo, registry: Registry) -> dict[str, Any]:
@@ -158,6 +159,32 @@ def _check_errors(finished: list[Finished]) -> None:
             raise EngineFailure(f.error or "generation failed")
 
 
+def log_request(
+    registry: Registry,
+    path: str,
+    model: str | None,
+    status: int,
+    finished: list[Finished],
+    started: float,
+) -> None:
+    """Record a finished request for the TUI's requests pane and for metrics."""
+    ttfts = [f.timings.ttft_ms for f in finished if f.timings]
+    registry.requests.record(
+        RequestRecord(
+            at=time.time(),
+            method="POST",
+            path=path,
+            model=model,
+            status=status,
+            prompt_tokens=sum(f.prompt_tokens for f in finished[:1]),
+            completion_tokens=sum(f.completion_tokens for f in finished),
+            cached_tokens=sum(f.cached_tokens for f in finished[:1]),
+            latency_ms=(time.perf_counter() - started) * 1000,
+            ttft_ms=min(ttfts) if ttfts else None,
+        )
+    )
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + msgspec.json.encode(obj) + b"\n\n"
 
@@ -183,6 +210,7 @@ class OpenAIController(Controller):
     async def chat_completions(
         self, registry: NamedDependency[Registry], data: JSONBody[ChatCompletionRequest]
     ) -> Any:
+        started = time.perf_counter()
         if data.tools:
             raise InvalidRequest("Tool calling is not supported yet.", param="tools")
         messages = _messages(data.messages)
@@ -195,6 +223,7 @@ class OpenAIController(Controller):
         )
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
+        log = (registry, "/v1/chat/completions", lm.info.id)
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
             head = [
@@ -218,11 +247,14 @@ class OpenAIController(Controller):
                     model=lm.info.id,
                     include_usage=include_usage,
                     n=data.n,
+                    log=log,
+                    started=started,
                 ),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         texts, finished = await _gather(engine, reqs)
+        log_request(*log, 200, finished, started)
         return {
             "id": cid,
             "object": "chat.completion",
@@ -245,6 +277,7 @@ class OpenAIController(Controller):
     async def completions(
         self, registry: NamedDependency[Registry], data: JSONBody[CompletionRequest]
     ) -> Any:
+        started = time.perf_counter()
         prompts_text = [data.prompt] if isinstance(data.prompt, str) else data.prompt
         if not all(isinstance(p, str) for p in prompts_text):
             raise InvalidRequest("prompt must be a string or a list of strings.", param="prompt")
@@ -257,6 +290,7 @@ class OpenAIController(Controller):
         reqs = _requests(engine, data, prompts, data.max_tokens, grammar)
         cid = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
+        log = (registry, "/v1/completions", lm.info.id)
         echo = [prompts_text[i // data.n] if data.echo else "" for i in range(len(reqs))]
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
@@ -273,11 +307,14 @@ class OpenAIController(Controller):
                     model=lm.info.id,
                     include_usage=include_usage,
                     n=data.n,
+                    log=log,
+                    started=started,
                 ),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         texts, finished = await _gather(engine, reqs)
+        log_request(*log, 200, finished, started)
         return {
             "id": cid,
             "object": "text_completion",
@@ -300,6 +337,7 @@ class OpenAIController(Controller):
     async def embeddings(
         self, registry: NamedDependency[Registry], data: JSONBody[EmbeddingRequest]
     ) -> dict[str, Any]:
+        started = time.perf_counter()
         texts = [data.input] if isinstance(data.input, str) else data.input
         if not all(isinstance(t, str) for t in texts):
             raise InvalidRequest(
@@ -314,6 +352,17 @@ class OpenAIController(Controller):
                 f"{data.dimensions}.",
                 param="dimensions",
             )
+        registry.requests.record(
+            RequestRecord(
+                at=time.time(),
+                method="POST",
+                path="/v1/embeddings",
+                model=lm.info.id,
+                status=200,
+                prompt_tokens=n_tokens,
+                latency_ms=(time.perf_counter() - started) * 1000,
+            )
+        )
         items = []
         for i, vec in enumerate(vectors):
             emb: Any = vec
@@ -379,11 +428,37 @@ async def _sse_stream(
     model: str,
     include_usage: bool,
     n: int,
+    log: tuple[Registry, str, str],
+    started: float,
 ) -> AsyncIterator[bytes]:
     """OpenAI's SSE framing: head chunks, one chunk per piece, finish chunks, usage, [DONE]."""
+    finished: list[Finished | None] = [None] * len(reqs)
+    status = 499  # until the stream ends, the client may still go away
+    try:
+        async for chunk in _sse_chunks(
+            engine, reqs, head, choice, obj, cid, created, model, include_usage, n, finished
+        ):
+            yield chunk
+        status = 503 if any(f and f.reason == "error" for f in finished) else 200
+    finally:
+        log_request(*log, status, [f for f in finished if f is not None], started)
+
+
+async def _sse_chunks(
+    engine: LlamaCppEngine,
+    reqs: list[GenerationRequest],
+    head: list[dict[str, Any]],
+    choice: Any,
+    obj: str,
+    cid: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+    n: int,
+    finished: list[Finished | None],
+) -> AsyncIterator[bytes]:
     for c in head:
         yield _sse(_chunk(cid, created, model, obj, [c], include_usage))
-    finished: list[Finished | None] = [None] * len(reqs)
     async for i, ev in stream(engine, reqs):
         if isinstance(ev, TokenText):
             c = choice(i, ev.text, None)

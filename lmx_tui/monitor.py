@@ -1,0 +1,101 @@
+"""The sampler thread behind the gauges: frozen snapshots posted to the app at 2 Hz."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from textual.message import Message
+
+from server.registry import Registry
+from server.telemetry import SystemSampler, SystemSnapshot
+
+
+@dataclass(frozen=True)
+class ModelStat:
+    """One loaded model at one instant."""
+
+    model: str
+    state: str
+    slots: int
+    slots_busy: int
+    queue_depth: int
+    tokens_total: int
+    tokens_per_s: float
+    ttft_ms: float | None
+
+
+@dataclass(frozen=True)
+class MonitorSnapshot:
+    """Everything the gauges show, taken together off the UI thread."""
+
+    system: SystemSnapshot
+    models: tuple[ModelStat, ...]
+
+
+class SnapshotReady(Message):
+    """A new snapshot; a newer one replaces an unhandled older one."""
+
+    def __init__(self, snapshot: MonitorSnapshot) -> None:
+        super().__init__()
+        self.snapshot = snapshot
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, SnapshotReady)
+
+
+class MonitorSampler:
+    """Takes snapshots of the machine and of every loaded model."""
+
+    def __init__(self, registry: Registry, system: Callable[[], SystemSnapshot] | None = None):
+        self.registry = registry
+        self._system = system or SystemSampler().sample
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def sample(self) -> MonitorSnapshot:
+        now = time.monotonic()
+        models = []
+        for lm in self.registry.loaded():
+            st = lm.engine.stats()
+            total = int(st["tokens_generated"])
+            t0, n0 = self._last.get(lm.info.id, (now, total))
+            rate = (total - n0) / (now - t0) if now > t0 else 0.0
+            self._last[lm.info.id] = (now, total)
+            last = lm.engine.last_timings
+            models.append(
+                ModelStat(
+                    model=lm.info.id,
+                    state="busy" if st["slots_busy"] else lm.state,
+                    slots=int(st["slots"]),
+                    slots_busy=int(st["slots_busy"]),
+                    queue_depth=int(st["queue_depth"]),
+                    tokens_total=total,
+                    tokens_per_s=max(0.0, rate),
+                    ttft_ms=last.ttft_ms if last else None,
+                )
+            )
+        return MonitorSnapshot(self._system(), tuple(models))
+
+
+class SamplerThread(threading.Thread):
+    """Posts a snapshot every `interval` seconds until stopped (joined on unmount)."""
+
+    def __init__(
+        self, sampler: MonitorSampler, post: Callable[[Message], object], interval: float = 0.5
+    ) -> None:
+        super().__init__(name="lmx-monitor", daemon=True)
+        self.sampler, self.post, self.interval = sampler, post, interval
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            with contextlib.suppress(Exception):  # a failed sample must not end the gauges
+                self.post(SnapshotReady(self.sampler.sample()))
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
