@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from functools import wraps
 from pathlib import Path
 from typing import Any, ClassVar
 
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
@@ -79,6 +82,17 @@ class _PostingHandler(logging.Handler):
             self.post(LogLine(self.format(record)))
         except Exception:
             self.handleError(record)
+
+
+def _while_mounted(handler: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    """Messages posted from other threads can land while the app tears its panes down."""
+
+    @wraps(handler)
+    def guarded(self: Any, message: Any) -> None:
+        with contextlib.suppress(NoMatches):
+            handler(self, message)
+
+    return guarded
 
 
 class HelpScreen(ModalScreen[None]):
@@ -188,9 +202,17 @@ class LmxApp(App[None]):
     def refresh_models(self) -> None:
         models = self.registry.models()
         states = {lm.info.id: lm.state for lm in self.registry.loaded()}
-        self.query_one(ModelBrowser).show(models, states)
+        memory: dict[str, tuple[int, bool]] = {}
+        for m in models:
+            if m.usable:
+                lm = self.registry.get_loaded(m.id)
+                est = lm.estimate if lm else self.registry.estimate_for(m)
+                fits = lm is not None or self.registry.plan(est.total, exclude=m.id)[0]
+                memory[m.id] = (est.total, fits)
+        self.query_one(ModelBrowser).show(models, states, memory)
         self.query_one(ChatPane).set_models([m.id for m in models if m.usable])
 
+    @_while_mounted
     def on_registry_changed(self, message: RegistryChanged) -> None:
         ev = message.event
         if ev.kind == "loading":
@@ -202,6 +224,7 @@ class LmxApp(App[None]):
             self.notify(f"{ev.model}: {ev.detail.get('error')}", severity="error")
         self.refresh_models()
 
+    @_while_mounted
     def on_snapshot_ready(self, message: SnapshotReady) -> None:
         with self.batch_update():
             self.query_one(GaugesPane).apply(message.snapshot)
@@ -210,9 +233,11 @@ class LmxApp(App[None]):
             if busy != {k: v for k, v in browser.states.items() if k in busy}:
                 browser.show(browser.models, {**browser.states, **busy})
 
+    @_while_mounted
     def on_request_finished(self, message: RequestFinished) -> None:
         self.query_one(RequestsPane).add(message.record)
 
+    @_while_mounted
     def on_log_line(self, message: LogLine) -> None:
         self.query_one(RequestsPane).log_line(message.text)
 

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from server import __version__
-from server.settings import ConfigError, Settings, default_config_path
+from server.settings import (
+    ConfigError,
+    Settings,
+    default_config_path,
+    parse_duration,
+    parse_memory,
+)
 from server.units import human_params, human_size
 
 
@@ -46,6 +52,23 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="layers offloaded to the GPU (-1: all, the default)",
     )
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory budget for loaded models, e.g. 8G (default: 80%% of free RAM)",
+    )
+    p.add_argument(
+        "--max-loaded-models",
+        type=int,
+        metavar="N",
+        help="most models loaded at once (default: no limit but memory)",
+    )
+    p.add_argument(
+        "--keep-alive",
+        metavar="DURATION",
+        help="unload a model this long after its last request: 5m (default), "
+        "30s, 1h, 0 (at once), -1 (never)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     ls = sub.add_parser("ls", help="list available models")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.add_argument(
+        "--estimate",
+        action="store_true",
+        help="memory each model needs (at --ctx/--parallel) and whether it fits",
+    )
     _common(ls)
     run = sub.add_parser("run", help="answer one prompt with a model, streamed to stdout")
     run.add_argument("model", help="model id, unique prefix, or 'default'")
@@ -112,6 +140,15 @@ def load_settings(args: argparse.Namespace) -> Settings:
             setattr(s, name, v)
     if args.model_dir:
         s.model_dirs += [d.expanduser() for d in args.model_dir]
+    try:
+        if args.max_memory is not None:
+            s.max_memory = parse_memory(args.max_memory)
+        if args.keep_alive is not None:
+            s.keep_alive = parse_duration(args.keep_alive)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    if args.max_loaded_models is not None:
+        s.max_loaded_models = args.max_loaded_models
     s.validate()
     return s
 
@@ -126,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = load_settings(args)
         if args.command == "ls":
-            cmd_ls(settings, as_json=args.json)
+            cmd_ls(settings, as_json=args.json, with_estimate=args.estimate)
         elif args.command == "run":
             cmd_run(settings, args)
         elif args.no_ui:
@@ -144,12 +181,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 # ----- lmx ls --------------------------------------------------------------------------------
 
 
-def cmd_ls(settings: Settings, *, as_json: bool) -> None:
+def cmd_ls(settings: Settings, *, as_json: bool, with_estimate: bool = False) -> None:
+    from server.api.admin import describe_model
     from server.registry import Registry
 
-    models = Registry(settings).models()
+    registry = Registry(settings)
+    models = registry.models()
     if as_json:
-        print(json.dumps([m.describe() for m in models], indent=2))
+        out = [describe_model(registry, m) if with_estimate else m.describe() for m in models]
+        print(json.dumps(out, indent=2))
+        return
+    if with_estimate:
+        _print_estimates(registry)
         return
     rows = [("ID", "ARCH", "PARAMS", "QUANT", "SIZE", "CTX", "SOURCE")]
     notes = []
@@ -174,6 +217,30 @@ def cmd_ls(settings: Settings, *, as_json: bool) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     if notes:
         print("\n" + "\n".join(notes))
+
+
+def _print_estimates(registry: Any) -> None:
+    rows = [("ID", "CTX", "SLOTS", "WEIGHTS", "KV CACHE", "COMPUTE", "TOTAL", "FITS")]
+    for m in registry.models():
+        if not m.usable:
+            continue
+        est = registry.estimate_for(m)
+        rows.append(
+            (
+                m.id,
+                str(est.ctx),
+                str(est.parallel),
+                human_size(est.weights),
+                human_size(est.kv_cache),
+                human_size(est.compute),
+                human_size(est.total),
+                "yes" if est.total <= registry.budget else "no",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print(f"\nbudget {human_size(registry.budget)} (--max-memory)")
 
 
 # ----- lmx run -------------------------------------------------------------------------------

@@ -76,3 +76,19 @@ class Unauthorized(LmxError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class ModelTooLarge(LmxError):
+    """The model cannot fit the memory budget even with nothing else loaded."""
+
+    status = 507
+    type = "server_error"
+    code = "insufficient_memory"
+
+
+class ModelsBusy(LmxError):
+    """Room could not be made in time: the models that would be evicted are serving."""
+
+    status = 503
+    type = "server_error"
+    code = "models_busy"

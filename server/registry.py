@@ -12,8 +12,22 @@ from typing import Any
 
 from server.discovery import ModelInfo, discover, resolve_name
 from server.engines.llamacpp import EngineOptions, LlamaCppEngine
-from server.errors import EngineFailure, InvalidRequest, ModelNotFound, ModelUnusable
-from server.settings import Settings
+from server.errors import (
+    EngineFailure,
+    InvalidRequest,
+    ModelNotFound,
+    ModelsBusy,
+    ModelTooLarge,
+    ModelUnusable,
+)
+from server.memory import (
+    MemoryEstimate,
+    baseline_rss,
+    default_budget,
+    estimate,
+    process_rss,
+)
+from server.settings import Settings, parse_duration
 from server.telemetry import RequestLog
 
 log = logging.getLogger(__name__)
@@ -35,9 +49,22 @@ class LoadedModel:
 
     info: ModelInfo
     engine: LlamaCppEngine
+    estimate: MemoryEstimate
     state: str = "ready"  # loading -> ready -> unloading
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
+    measured: int = 0  # RSS growth across the load, bytes
+    in_use: int = 0  # requests holding it (never evicted while > 0)
+    last_used: float = field(default_factory=time.monotonic)
+    expires_at: float | None = None  # monotonic; None: kept until evicted or unloaded
+
+    @property
+    def idle(self) -> bool:
+        st = self.engine.stats()
+        return self.in_use == 0 and st["slots_busy"] == 0 and st["queue_depth"] == 0
+
+    def expires_in(self) -> float | None:
+        return None if self.expires_at is None else max(0.0, self.expires_at - time.monotonic())
 
 
 Listener = Callable[[RegistryEvent], None]
@@ -53,7 +80,11 @@ class Registry:
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, threading.Event] = {}
         self._listeners: list[Listener] = []
+        self._admission = threading.Lock()  # one load (and its evictions) at a time
+        self._closed = threading.Event()
+        self._reaper: threading.Thread | None = None
         self.requests = RequestLog()
+        self.budget = settings.max_memory or default_budget()
         self.refresh()
 
     # ----- catalogue -----------------------------------------------------------------------
@@ -128,17 +159,29 @@ class Registry:
                     break
             waiter.wait()
         try:
-            self._publish(RegistryEvent("loading", info.id))
-            t0 = time.perf_counter()
-            engine = LlamaCppEngine(info, self.engine_options(info))
-            try:
-                engine.load()
-            except EngineFailure as e:
-                self._publish(RegistryEvent("load_failed", info.id, detail={"error": str(e)}))
-                raise
-            lm = LoadedModel(info, engine, load_seconds=time.perf_counter() - t0)
-            with self._lock:
-                self._loaded[info.id] = lm
+            est = self.estimate_for(info)
+            with self._admission:
+                self._make_room(info, est)
+                self._publish(RegistryEvent("loading", info.id, detail=est.as_dict()))
+                t0 = time.perf_counter()
+                rss0 = baseline_rss()
+                engine = LlamaCppEngine(info, self.engine_options(info))
+                try:
+                    engine.load()
+                except EngineFailure as e:
+                    self._publish(RegistryEvent("load_failed", info.id, detail={"error": str(e)}))
+                    raise
+                lm = LoadedModel(
+                    info,
+                    engine,
+                    est,
+                    load_seconds=time.perf_counter() - t0,
+                    measured=max(0, process_rss() - rss0),
+                )
+                lm.expires_at = self._deadline(self.keep_alive_for(info.id))
+                with self._lock:
+                    self._loaded[info.id] = lm
+            self._start_reaper()
             log.info("loaded %s in %.2fs", info.id, lm.load_seconds)
             self._publish(
                 RegistryEvent("loaded", info.id, detail={"seconds": round(lm.load_seconds, 3)})
@@ -149,16 +192,128 @@ class Registry:
                 self._loading.pop(info.id, None)
             waiter.set()
 
+    # ----- memory and eviction ---------------------------------------------------------------
+
+    def estimate_for(
+        self, info: ModelInfo, ctx: int | None = None, parallel: int | None = None
+    ) -> MemoryEstimate:
+        if info.header is None:
+            raise ModelUnusable(
+                f"The model '{info.id}' cannot be loaded: {info.error}", param="model"
+            )
+        opts = self.engine_options(info)
+        return estimate(info.header, ctx or opts.n_ctx, parallel or opts.parallel)
+
+    def plan(self, need: int, exclude: str = "") -> tuple[bool, list[str]]:
+        """Whether `need` bytes fit now, and the idle models (LRU first) evicted to make room."""
+        with self._lock:
+            loaded = [lm for lm in self._loaded.values() if lm.info.id != exclude]
+        used = sum(lm.estimate.total for lm in loaded)
+        count = len(loaded)
+        cap = self.settings.max_loaded_models
+        victims: list[str] = []
+        for lm in sorted((lm for lm in loaded if lm.idle), key=lambda lm: lm.last_used):
+            if used + need <= self.budget and not (cap and count + 1 > cap):
+                break
+            victims.append(lm.info.id)
+            used -= lm.estimate.total
+            count -= 1
+        fits = used + need <= self.budget and not (cap and count + 1 > cap)
+        return fits, victims
+
+    def _make_room(self, info: ModelInfo, est: MemoryEstimate) -> None:
+        if est.total > self.budget:
+            raise ModelTooLarge(
+                f"The model '{info.id}' needs about {est.total / 1e6:.0f} MB (weights "
+                f"{est.weights / 1e6:.0f} MB, KV cache {est.kv_cache / 1e6:.0f} MB, compute "
+                f"{est.compute / 1e6:.0f} MB) but the memory budget is "
+                f"{self.budget / 1e6:.0f} MB; lower ctx/parallel or raise --max-memory.",
+                param="model",
+            )
+        deadline = time.monotonic() + self.settings.load_timeout
+        while True:
+            fits, victims = self.plan(est.total, exclude=info.id)
+            if fits:
+                for v in victims:
+                    self._unload_id(v, reason="evicted")
+                return
+            if time.monotonic() >= deadline:
+                raise ModelsBusy(
+                    f"No room for '{info.id}' ({est.total / 1e6:.0f} MB): the loaded models "
+                    f"are serving requests and none finished within "
+                    f"{self.settings.load_timeout:.0f}s. Retry later.",
+                    param="model",
+                )
+            time.sleep(0.05)
+
+    # ----- leases and keep_alive ---------------------------------------------------------------
+
+    def keep_alive_for(self, model_id: str) -> float:
+        mc = self.settings.models.get(model_id)
+        if mc is not None and mc.keep_alive is not None:
+            return parse_duration(mc.keep_alive)
+        return self.settings.keep_alive
+
+    @staticmethod
+    def _deadline(keep_alive: float) -> float | None:
+        return None if keep_alive < 0 else time.monotonic() + keep_alive
+
+    def acquire(self, name: str) -> LoadedModel:
+        """Load if needed and hold the model for one request (it cannot be evicted)."""
+        while True:
+            lm = self.ensure_loaded(name)
+            with self._lock:
+                if self._loaded.get(lm.info.id) is lm:  # not unloaded in between
+                    lm.in_use += 1
+                    lm.expires_at = None
+                    return lm
+
+    def release(self, lm: LoadedModel, keep_alive: float | None = None) -> None:
+        """The request is over: start the keep_alive countdown (0 unloads now)."""
+        ka = self.keep_alive_for(lm.info.id) if keep_alive is None else keep_alive
+        with self._lock:
+            lm.in_use = max(0, lm.in_use - 1)
+            lm.last_used = time.monotonic()
+            if lm.in_use == 0:
+                lm.expires_at = self._deadline(ka)
+        self._start_reaper()
+
+    def _start_reaper(self) -> None:
+        with self._lock:
+            if self._reaper is None and not self._closed.is_set():
+                self._reaper = threading.Thread(
+                    target=self._reap, name="lmx-keepalive", daemon=True
+                )
+                self._reaper.start()
+
+    def _reap(self) -> None:
+        while not self._closed.wait(0.2):
+            now = time.monotonic()
+            for lm in self.loaded():
+                if lm.expires_at is not None and lm.expires_at <= now and lm.idle:
+                    with self._admission:
+                        if lm.expires_at is not None and lm.expires_at <= now and lm.idle:
+                            self._unload_id(lm.info.id, reason="expired")
+
     def unload(self, name: str) -> bool:
         """Unload a model; requests in flight on it are cancelled. False if it was not loaded."""
-        info = self.resolve(name)
+        return self._unload_id(self.resolve(name).id)
+
+    def _unload_id(self, model_id: str, reason: str = "unloaded") -> bool:
         with self._lock:
-            lm = self._loaded.pop(info.id, None)
+            lm = self._loaded.pop(model_id, None)
         if lm is None:
             return False
         lm.state = "unloading"
         lm.engine.close()
-        self._publish(RegistryEvent("unloaded", info.id))
+        log.info("%s %s", reason, model_id)
+        self._publish(
+            RegistryEvent(
+                "evicted" if reason == "evicted" else "unloaded",
+                model_id,
+                detail={"reason": reason},
+            )
+        )
         return True
 
     def cancel_all(self) -> None:
@@ -168,6 +323,7 @@ class Registry:
 
     def close(self) -> None:
         """Unload everything."""
+        self._closed.set()
         for lm in self.loaded():
             with contextlib.suppress(Exception):
                 self.unload(lm.info.id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     parallel: int | None = None
     gpu_layers: int | None = None
     chat_template: str | None = None
+    keep_alive: str | int | float | None = None
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -39,6 +41,10 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     threads: int | None = None
     gpu_layers: int | None = None
     max_queue: int | None = None
+    max_memory: str | int | None = None
+    max_loaded_models: int | None = None
+    keep_alive: str | int | float | None = None
+    load_timeout: float | None = None
     hf_cache: bool = True
     models: dict[str, ModelConfig] = {}
 
@@ -56,6 +62,10 @@ class Settings:
     threads: int = 0
     gpu_layers: int = -1
     max_queue: int = 64
+    max_memory: int | None = None  # bytes; None: a safe share of the RAM available at start
+    max_loaded_models: int = 0  # 0: no limit but memory
+    keep_alive: float = 300.0  # seconds after the last request; negative: forever
+    load_timeout: float = 30.0  # how long a load waits for busy models to finish
     include_default_model: bool = True
     include_hf_cache: bool = True
     hf_cache_dir: Path | None = None
@@ -104,6 +114,10 @@ class Settings:
             raise ConfigError(f"parallel {self.parallel} is out of range 1-64")
         if self.max_queue < 0:
             raise ConfigError("max_queue cannot be negative")
+        if self.max_loaded_models < 0:
+            raise ConfigError("max_loaded_models cannot be negative")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise ConfigError("max_memory must be positive")
 
     def bind_refusal(self) -> str | None:
         """Why binding `host` is refused, or None when it is allowed."""
@@ -114,6 +128,35 @@ class Settings:
             "machine could use its models. Pass --api-key KEY (or set LMX_API_KEY), "
             "or use --host 127.0.0.1."
         )
+
+
+_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Ollama-style keep_alive: '10m', '1h30m', '45s', 300 (seconds), '-1' (forever)."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = value.strip().lower()
+    if not text:
+        raise ValueError("empty duration")
+    pos, total = 0, 0.0
+    while pos < len(text):
+        m = _DURATION.match(text, pos)
+        if not m or m.end() == pos:
+            raise ValueError(f"invalid duration {value!r} (examples: 10m, 1h, 30s, -1)")
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    return total
+
+
+def parse_memory(value: str | int) -> int:
+    from server.memory import parse_size
+
+    return value if isinstance(value, int) else parse_size(value)
 
 
 def is_loopback(host: str) -> bool:

@@ -74,10 +74,23 @@ async def test_browser_lists_and_loads_the_model(registry: Registry) -> None:
     app = LmxApp(registry, system_sampler=frozen_system())
     async with app.run_test(size=(100, 30)) as pilot:
         rows = table_rows(app, "#model-table")
-        assert rows == [[MODEL, "llama", "135M", "Q4_1", "98.4 MB", "8192", "available"]]
+        est = registry.estimate_for(registry.resolve(MODEL)).total
+        assert rows == [
+            [
+                MODEL,
+                "available",
+                f"{est / 1e6:.1f} MB",
+                "yes",
+                "llama",
+                "135M",
+                "Q4_1",
+                "98.4 MB",
+                "8192",
+            ]
+        ]
         await pilot.press("l")
         await until(pilot, lambda: registry.get_loaded(MODEL) is not None)
-        await until(pilot, lambda: table_rows(app, "#model-table")[0][-1] == "ready")
+        await until(pilot, lambda: table_rows(app, "#model-table")[0][1] == "ready")
         await pilot.press("enter")  # details
         await pilot.pause(0.1)
         text = str(app.screen.query_one("#details-text", Static).render())
@@ -85,7 +98,7 @@ async def test_browser_lists_and_loads_the_model(registry: Registry) -> None:
         await pilot.press("escape")
         await pilot.press("u")
         await until(pilot, lambda: registry.get_loaded(MODEL) is None)
-        await until(pilot, lambda: table_rows(app, "#model-table")[0][-1] == "available")
+        await until(pilot, lambda: table_rows(app, "#model-table")[0][1] == "available")
 
 
 async def test_filter_and_sort(registry: Registry, tmp_path: Path, gemma_path: Path) -> None:

@@ -15,7 +15,7 @@ from server.discovery import ModelInfo
 from server.units import human_params as params
 from server.units import human_size as size
 
-COLUMNS = ("ID", "ARCH", "PARAMS", "QUANT", "SIZE", "CTX", "STATE")
+COLUMNS = ("ID", "STATE", "MEMORY", "FITS", "ARCH", "PARAMS", "QUANT", "SIZE", "CTX")
 SORT_KEYS = ("id", "size", "params", "state")
 
 
@@ -58,6 +58,7 @@ class ModelBrowser(Vertical):
         super().__init__(**kw)  # type: ignore[arg-type]
         self.models: list[ModelInfo] = []
         self.states: dict[str, str] = {}
+        self.memory: dict[str, tuple[int, bool]] = {}
         self.sort_key = "id"
 
     def compose(self) -> ComposeResult:
@@ -71,9 +72,16 @@ class ModelBrowser(Vertical):
         for c in COLUMNS:
             table.add_column(c, key=c)
 
-    def show(self, models: list[ModelInfo], states: dict[str, str]) -> None:
-        """Attributes down: the app hands in the catalogue and the loaded states."""
+    def show(
+        self,
+        models: list[ModelInfo],
+        states: dict[str, str],
+        memory: dict[str, tuple[int, bool]] | None = None,
+    ) -> None:
+        """Attributes down: the catalogue, loaded states, and (estimate, fits) per model."""
         self.models, self.states = models, states
+        if memory is not None:
+            self.memory = memory
         self._render_rows()
 
     @property
@@ -99,14 +107,17 @@ class ModelBrowser(Vertical):
         table.clear()
         for m in rows:
             state = self.states.get(m.id, "available") if m.usable else "unusable"
+            est, fits = self.memory.get(m.id, (0, False))
             table.add_row(
                 m.id,
+                state,
+                size(est) if est else "-",
+                ("yes" if fits else "no") if est else "-",
                 m.architecture or "-",
                 params(m.parameters),
                 m.quantization or "-",
                 size(m.size_bytes),
                 str(m.context_length or "-"),
-                state,
                 key=m.id,
             )
         if keep is not None and keep in {m.id for m in rows}:

@@ -28,7 +28,8 @@ from server.discovery import ModelInfo
 from server.engines.base import Finished, GenerationRequest, SamplingParams, TokenText, stream
 from server.engines.llamacpp import LlamaCppEngine, json_grammar
 from server.errors import ContextOverflow, EngineFailure, InvalidRequest
-from server.registry import Registry
+from server.registry import LoadedModel, Registry
+from server.settings import parse_duration
 from server.telemetry import RequestRecord
 
 
@@ -68,6 +69,15 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             msg["name"] = m.name
         out.append(msg)
     return out
+
+
+def keep_alive_value(value: str | int | float | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise InvalidRequest(str(e), param="keep_alive") from e
 
 
 def _grammar(rf: ResponseFormat | None) -> str | None:
@@ -185,6 +195,28 @@ def log_request(
     )
 
 
+class _Lease:
+    """A request's hold on its model: released when the response (or its stream) ends."""
+
+    def __init__(self, registry: Registry, lm: LoadedModel, keep_alive: float | None) -> None:
+        self.registry, self.lm, self.keep_alive = registry, lm, keep_alive
+        self.streaming = False
+        self.released = False
+
+    def hand_to_stream(self) -> _Lease:
+        self.streaming = True
+        return self
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.registry.release(self.lm, self.keep_alive)
+
+    def release_unless_streaming(self) -> None:
+        if not self.streaming:
+            self.release()
+
+
 def _sse(obj: Any) -> bytes:
     return b"data: " + msgspec.json.encode(obj) + b"\n\n"
 
@@ -215,7 +247,24 @@ class OpenAIController(Controller):
             raise InvalidRequest("Tool calling is not supported yet.", param="tools")
         messages = _messages(data.messages)
         grammar = _grammar(data.response_format)
-        lm = await asyncio.to_thread(registry.ensure_loaded, data.model)
+        ka = keep_alive_value(data.keep_alive)
+        lm = await asyncio.to_thread(registry.acquire, data.model)
+        lease = _Lease(registry, lm, ka)
+        try:
+            return await self._chat(registry, data, lm, lease, messages, grammar, started)
+        finally:
+            lease.release_unless_streaming()
+
+    async def _chat(
+        self,
+        registry: Registry,
+        data: ChatCompletionRequest,
+        lm: LoadedModel,
+        lease: _Lease,
+        messages: list[dict[str, Any]],
+        grammar: str | None,
+        started: float,
+    ) -> Any:
         engine = lm.engine
         prompt = await asyncio.to_thread(engine.format_chat, messages)
         reqs = _requests(
@@ -249,6 +298,7 @@ class OpenAIController(Controller):
                     n=data.n,
                     log=log,
                     started=started,
+                    lease=lease.hand_to_stream(),
                 ),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -282,7 +332,24 @@ class OpenAIController(Controller):
         if not all(isinstance(p, str) for p in prompts_text):
             raise InvalidRequest("prompt must be a string or a list of strings.", param="prompt")
         grammar = _grammar(data.response_format)
-        lm = await asyncio.to_thread(registry.ensure_loaded, data.model)
+        ka = keep_alive_value(data.keep_alive)
+        lm = await asyncio.to_thread(registry.acquire, data.model)
+        lease = _Lease(registry, lm, ka)
+        try:
+            return await self._complete(registry, data, lm, lease, prompts_text, grammar, started)
+        finally:
+            lease.release_unless_streaming()
+
+    async def _complete(
+        self,
+        registry: Registry,
+        data: CompletionRequest,
+        lm: LoadedModel,
+        lease: _Lease,
+        prompts_text: list[str],
+        grammar: str | None,
+        started: float,
+    ) -> Any:
         engine = lm.engine
         prompts = [engine.tokenize(p, add_special=True, special=False) for p in prompts_text]
         if any(not p for p in prompts):
@@ -309,6 +376,7 @@ class OpenAIController(Controller):
                     n=data.n,
                     log=log,
                     started=started,
+                    lease=lease.hand_to_stream(),
                 ),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -344,8 +412,12 @@ class OpenAIController(Controller):
                 "input must be a string or a list of strings (token arrays are not supported).",
                 param="input",
             )
-        lm = await asyncio.to_thread(registry.ensure_loaded, data.model)
-        vectors, n_tokens = await asyncio.to_thread(lm.engine.embed, texts)
+        ka = keep_alive_value(data.keep_alive)
+        lm = await asyncio.to_thread(registry.acquire, data.model)
+        try:
+            vectors, n_tokens = await asyncio.to_thread(lm.engine.embed, texts)
+        finally:
+            registry.release(lm, ka)
         if data.dimensions is not None and data.dimensions != len(vectors[0]):
             raise InvalidRequest(
                 f"This model's embeddings have {len(vectors[0])} dimensions; it cannot return "
@@ -430,6 +502,7 @@ async def _sse_stream(
     n: int,
     log: tuple[Registry, str, str],
     started: float,
+    lease: _Lease,
 ) -> AsyncIterator[bytes]:
     """OpenAI's SSE framing: head chunks, one chunk per piece, finish chunks, usage, [DONE]."""
     finished: list[Finished | None] = [None] * len(reqs)
@@ -441,6 +514,7 @@ async def _sse_stream(
             yield chunk
         status = 503 if any(f and f.reason == "error" for f in finished) else 200
     finally:
+        lease.release()
         log_request(*log, status, [f for f in finished if f is not None], started)
 
 

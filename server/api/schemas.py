@@ -58,6 +58,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     logprobs: bool | None = None
     logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
     ignore_eos: bool = False  # lmx/llama.cpp extension: always generate max_tokens
+    keep_alive: str | int | float | None = None  # lmx extension: as Ollama's keep_alive
     user: str | None = None
 
 
@@ -88,4 +89,5 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     input: str | Annotated[list[Any], Meta(min_length=1)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None
+    keep_alive: str | int | float | None = None
     user: str | None = None

@@ -1,0 +1,289 @@
+"""Admin API: what is available and loaded, memory estimates, load/unload, events, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, Parameter
+from litestar.response import Stream
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+
+from server.discovery import ModelInfo
+from server.errors import LmxError
+from server.memory import process_rss
+from server.registry import Registry, RegistryEvent
+from server.telemetry import RequestRecord, SystemSampler
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _sse(event: str, data: Any) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + msgspec.json.encode(data) + b"\n\n"
+
+
+def describe_model(registry: Registry, info: ModelInfo) -> dict[str, Any]:
+    """One model as the admin API, `lmx ls --estimate` and the TUI see it."""
+    out = info.describe()
+    lm = registry.get_loaded(info.id)
+    out["state"] = "available" if lm is None else lm.state
+    if info.usable:
+        est = registry.estimate_for(info)
+        fits, evict = registry.plan(est.total, exclude=info.id)
+        out["memory_estimate"] = est.as_dict()
+        out["fits"] = fits and est.total <= registry.budget
+        out["would_evict"] = evict if lm is None else []
+    if lm is not None:
+        st = lm.engine.stats()
+        out.update(
+            {
+                "memory_measured": lm.measured,
+                "expires_in": lm.expires_in(),
+                "in_use": lm.in_use,
+                "slots": st["slots"],
+                "slots_busy": st["slots_busy"],
+                "queue_depth": st["queue_depth"],
+                "load_seconds": round(lm.load_seconds, 3),
+            }
+        )
+        if st["slots_busy"]:
+            out["state"] = "busy"
+    return out
+
+
+class AdminController(Controller):
+    """TabbyAPI-style management over the shared registry."""
+
+    path = "/admin"
+    tags = ["admin"]  # noqa: RUF012
+
+    @get("/models")
+    async def models(self, registry: NamedDependency[Registry]) -> dict[str, Any]:
+        return {
+            "budget_bytes": registry.budget,
+            "used_bytes": sum(lm.estimate.total for lm in registry.loaded()),
+            "models": [describe_model(registry, m) for m in registry.models()],
+        }
+
+    @get("/estimate")
+    async def estimate(
+        self,
+        registry: NamedDependency[Registry],
+        model: FromQuery[str],
+        ctx: Annotated[int | None, Parameter(ge=64, le=1_048_576)] = None,
+        parallel: Annotated[int | None, Parameter(ge=1, le=64)] = None,
+    ) -> dict[str, Any]:
+        info = registry.resolve(model)
+        est = registry.estimate_for(info, ctx, parallel)
+        fits, evict = registry.plan(est.total, exclude=info.id)
+        lm = registry.get_loaded(info.id)
+        return {
+            "model": info.id,
+            "estimate": est.as_dict(),
+            "budget_bytes": registry.budget,
+            "fits": fits and est.total <= registry.budget,
+            "fits_alone": est.total <= registry.budget,
+            "would_evict": evict,
+            "measured_bytes": lm.measured if lm else None,
+        }
+
+    @post("/models/{model_id:str}/load", status_code=200)
+    async def load(self, registry: NamedDependency[Registry], model_id: FromPath[str]) -> Stream:
+        info = registry.resolve(model_id)  # unknown names fail here, as a plain 404
+
+        async def events() -> AsyncIterator[bytes]:
+            yield _sse(
+                "loading", {"model": info.id, "estimate": registry.estimate_for(info).as_dict()}
+            )
+            try:
+                lm = await asyncio.to_thread(registry.ensure_loaded, info.id)
+            except LmxError as e:
+                yield _sse("error", {"model": info.id, "error": e.message, "status": e.status})
+                return
+            yield _sse(
+                "loaded",
+                {
+                    "model": info.id,
+                    "seconds": round(lm.load_seconds, 3),
+                    "memory_measured": lm.measured,
+                    "memory_estimate": lm.estimate.total,
+                },
+            )
+
+        return Stream(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    @post("/models/{model_id:str}/unload", status_code=200)
+    async def unload(
+        self, registry: NamedDependency[Registry], model_id: FromPath[str]
+    ) -> dict[str, Any]:
+        info = registry.resolve(model_id)
+        done = await asyncio.to_thread(registry.unload, info.id)
+        return {"model": info.id, "unloaded": done}
+
+    @get("/events")
+    async def events(self, registry: NamedDependency[Registry]) -> Stream:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(maxsize=1000)
+
+        def put(kind: str, data: dict[str, Any]) -> None:
+            def add() -> None:
+                if not queue.full():  # a slow reader loses events, never blocks the server
+                    queue.put_nowait((kind, data))
+
+            loop.call_soon_threadsafe(add)
+
+        def on_model(ev: RegistryEvent) -> None:
+            put(ev.kind, {"model": ev.model, "at": ev.at, **ev.detail})
+
+        def on_request(rec: RequestRecord) -> None:
+            put(
+                "request",
+                {
+                    "model": rec.model,
+                    "path": rec.path,
+                    "status": rec.status,
+                    "prompt_tokens": rec.prompt_tokens,
+                    "completion_tokens": rec.completion_tokens,
+                    "latency_ms": round(rec.latency_ms, 1),
+                    "at": rec.at,
+                },
+            )
+
+        unsubscribe = [registry.subscribe(on_model), registry.requests.subscribe(on_request)]
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                yield b": lmx events\n\n"
+                while True:
+                    try:
+                        kind, data = await asyncio.wait_for(queue.get(), timeout=15)
+                    except TimeoutError:
+                        yield b": keep-alive\n\n"
+                        continue
+                    yield _sse(kind, data)
+            finally:
+                for fn in unsubscribe:
+                    fn()
+
+        return Stream(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+# ----- Prometheus ----------------------------------------------------------------------------
+
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class MetricsCollector:
+    """Reads the registry and the request log at scrape time; nothing is counted twice."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.system = SystemSampler()
+
+    def collect(self) -> Any:
+        reg = self.registry
+        records = reg.requests.recent(10**9)
+        requests = CounterMetricFamily(
+            "lmx_requests", "API requests by model and status", labels=["model", "status"]
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for r in records:
+            key = (r.model or "", str(r.status))
+            counts[key] = counts.get(key, 0) + 1
+        for (m, status), n in sorted(counts.items()):
+            requests.add_metric([m, status], n)
+        yield requests
+
+        prompt = CounterMetricFamily("lmx_prompt_tokens", "Prompt tokens", labels=["model"])
+        cached = CounterMetricFamily(
+            "lmx_cached_prompt_tokens", "Prompt tokens reused from the cache", labels=["model"]
+        )
+        per: dict[str, list[RequestRecord]] = {}
+        for r in records:
+            if r.model:
+                per.setdefault(r.model, []).append(r)
+        for m, rs in sorted(per.items()):
+            prompt.add_metric([m], sum(r.prompt_tokens for r in rs))
+            cached.add_metric([m], sum(r.cached_tokens for r in rs))
+        yield prompt
+        yield cached
+        yield from self._histograms(per)
+
+        generated = CounterMetricFamily(
+            "lmx_generated_tokens", "Tokens generated", labels=["model"]
+        )
+        queue = GaugeMetricFamily(
+            "lmx_queue_depth", "Requests waiting for a slot", labels=["model"]
+        )
+        busy = GaugeMetricFamily("lmx_slots_busy", "Slots decoding", labels=["model"])
+        memory = GaugeMetricFamily(
+            "lmx_model_memory_bytes", "Memory of loaded models", labels=["model", "kind"]
+        )
+        loaded = reg.loaded()
+        for lm in loaded:
+            st = lm.engine.stats()
+            generated.add_metric([lm.info.id], st["tokens_generated"])
+            queue.add_metric([lm.info.id], st["queue_depth"])
+            busy.add_metric([lm.info.id], st["slots_busy"])
+            memory.add_metric([lm.info.id, "estimate"], lm.estimate.total)
+            memory.add_metric([lm.info.id, "measured"], lm.measured)
+        yield from (generated, queue, busy, memory)
+        yield GaugeMetricFamily("lmx_models_loaded", "Loaded models", value=len(loaded))
+        yield GaugeMetricFamily("lmx_memory_budget_bytes", "Memory budget", value=reg.budget)
+        yield GaugeMetricFamily(
+            "lmx_process_resident_memory_bytes", "RSS of lmx", value=process_rss()
+        )
+        snap = self.system.sample()
+        if snap.gpus:
+            used = GaugeMetricFamily(
+                "lmx_gpu_memory_used_bytes", "GPU memory used", labels=["gpu", "name"]
+            )
+            total = GaugeMetricFamily(
+                "lmx_gpu_memory_total_bytes", "GPU memory", labels=["gpu", "name"]
+            )
+            for g in snap.gpus:
+                used.add_metric([str(g.index), g.name], g.memory_used)
+                total.add_metric([str(g.index), g.name], g.memory_total)
+            yield used
+            yield total
+
+    @staticmethod
+    def _histograms(per: dict[str, list[RequestRecord]]) -> Any:
+        ttft = HistogramMetricFamily(
+            "lmx_time_to_first_token_seconds", "Time to first token", labels=["model"]
+        )
+        latency = HistogramMetricFamily(
+            "lmx_request_duration_seconds", "Request latency", labels=["model"]
+        )
+        for m, rs in sorted(per.items()):
+            for fam, values, bounds in (
+                (ttft, [r.ttft_ms / 1000 for r in rs if r.ttft_ms is not None], TTFT_BUCKETS),
+                (latency, [r.latency_ms / 1000 for r in rs], LATENCY_BUCKETS),
+            ):
+                buckets = [(str(b), sum(1 for v in values if v <= b)) for b in bounds]
+                buckets.append(("+Inf", len(values)))
+                fam.add_metric([m], buckets, sum(values))
+        yield ttft
+        yield latency
+
+
+def metrics_handler(registry: Registry) -> Any:
+    prom = CollectorRegistry(auto_describe=False)
+    prom.register(MetricsCollector(registry))
+
+    @get("/metrics", opt={"public": False}, tags=["lmx"], include_in_schema=True)
+    async def metrics() -> Response[bytes]:
+        body = await asyncio.to_thread(generate_latest, prom)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return metrics

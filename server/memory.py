@@ -1,0 +1,110 @@
+"""Memory before loading: an estimate from the GGUF header, and the budget it must fit."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from server.gguf import GGUFHeader
+
+KV_BYTES_PER_VALUE = 2  # llama.cpp's default KV cache type is f16
+UBATCH = 63  # the engine's ubatch (see server.engines.llamacpp.BATCH_INVARIANT_UBATCH)
+# llama.cpp's scratch for one ubatch (logits and activations), measured here on SmolLM2-135M
+# and Gemma-3-270M: about 4 bytes x ubatch x (vocabulary + 64 x embedding width).
+COMPUTE_EMBD_FACTOR = 64
+DEFAULT_BUDGET_SHARE = 0.8  # of the RAM available when lmx starts
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a model will take once loaded with `ctx` tokens per slot and `parallel` slots."""
+
+    weights: int
+    kv_cache: int
+    compute: int
+    ctx: int
+    parallel: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights,
+            "kv_cache": self.kv_cache,
+            "compute": self.compute,
+            "total": self.total,
+            "ctx": self.ctx,
+            "parallel": self.parallel,
+        }
+
+
+def estimate(header: GGUFHeader, ctx: int, parallel: int) -> MemoryEstimate:
+    """Weights (by tensor type, as stored), KV cache and compute buffers."""
+    n_train = header.context_length or ctx
+    ctx = max(64, min(ctx, n_train))
+    layers = int(header.arch_value("block_count", 0) or 0)
+    n_embd = int(header.arch_value("embedding_length", 0) or 0)
+    n_head = int(header.arch_value("attention.head_count", 1) or 1)
+    n_head_kv = header.arch_value("attention.head_count_kv", n_head)
+    if isinstance(n_head_kv, list):  # per-layer counts (some hybrid models)
+        n_head_kv = max(n_head_kv) if n_head_kv else n_head
+    head = n_embd // n_head if n_head else 0
+    k_len = int(header.arch_value("attention.key_length", head) or head)
+    v_len = int(header.arch_value("attention.value_length", head) or head)
+    kv = layers * ctx * parallel * int(n_head_kv) * (k_len + v_len) * KV_BYTES_PER_VALUE
+    vocab = header.vocab_size or int(header.arch_value("vocab_size", 0) or 0)
+    compute = 4 * UBATCH * (vocab + COMPUTE_EMBD_FACTOR * n_embd)
+    weights = sum(t.n_bytes or 0 for t in header.tensors) or header.weights_bytes
+    return MemoryEstimate(weights, kv, compute, ctx, parallel)
+
+
+def parse_size(text: str) -> int:
+    """'8G', '512MiB', '1.5g', '1000000' -> bytes. Raises ValueError with the reason."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"cannot read {text!r} as a size (examples: 8G, 512M, 2GiB)")
+    unit = (m.group(2) or "").lower().rstrip("b")
+    if unit not in _UNITS:
+        raise ValueError(f"unknown size unit in {text!r}")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def default_budget() -> int:
+    """A safe share of the RAM available now."""
+    return int(psutil.virtual_memory().available * DEFAULT_BUDGET_SHARE)
+
+
+def process_rss() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+def baseline_rss() -> int:
+    """RSS after handing freed heap back to the OS, so that a load's growth is not hidden by
+    the allocator reusing memory an unloaded model left behind (glibc only; elsewhere as is)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return process_rss()

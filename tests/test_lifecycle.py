@@ -1,0 +1,291 @@
+"""Many models, one budget: estimates, eviction, keep_alive, admin API and /metrics."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.errors import ModelTooLarge
+from server.registry import Registry, RegistryEvent
+from server.runner import ServerThread
+from tests.conftest import make_settings
+
+SMOL = "smollm2-135m-instruct.q4_1"
+
+
+@pytest.fixture(scope="module")
+def models_dir(
+    tmp_path_factory: pytest.TempPathFactory, gemma_path: Path, smollm2_path: Path
+) -> Path:
+    d = tmp_path_factory.mktemp("models")
+    (d / "gemma.gguf").symlink_to(gemma_path.resolve())
+    shutil.copyfile(smollm2_path, d / "smol-copy.gguf")  # a third, distinct file
+    return d
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def make(models_dir: Path, **kw: Any) -> Registry:
+    return Registry(make_settings(model_dirs=[models_dir], ctx=1024, parallel=2, **kw))
+
+
+@pytest.mark.parametrize("model", [SMOL, "gemma"])
+def test_estimate_is_within_15_percent_of_measured(models_dir: Path, model: str) -> None:
+    reg = make(models_dir)
+    try:
+        lm = reg.ensure_loaded(model)
+        assert lm.measured > 0
+        error = abs(lm.estimate.total - lm.measured) / lm.measured
+        assert error < 0.15, (lm.estimate.as_dict(), lm.measured)
+    finally:
+        reg.close()
+
+
+def test_lru_eviction_order(models_dir: Path) -> None:
+    probe = make(models_dir)
+    ests = {m: probe.estimate_for(probe.resolve(m)).total for m in (SMOL, "gemma", "smol-copy")}
+    probe.close()
+    budget = ests[SMOL] + ests["gemma"] + 1_000_000  # room for two of them
+    reg = make(models_dir, max_memory=budget)
+    events: list[RegistryEvent] = []
+    reg.subscribe(events.append)
+    try:
+        a = reg.acquire(SMOL)
+        reg.release(a)
+        b = reg.acquire("gemma")
+        reg.release(b)
+        reg.release(reg.acquire(SMOL))  # SMOL used last: gemma is least recently used
+        assert ests["smol-copy"] + ests[SMOL] <= budget
+        reg.ensure_loaded("smol-copy")
+        assert {lm.info.id for lm in reg.loaded()} == {SMOL, "smol-copy"}
+        assert [e.model for e in events if e.kind == "evicted"] == ["gemma"]
+        fits, evict = reg.plan(ests["gemma"], exclude="gemma")
+        assert fits and evict == [SMOL]  # the next one to go
+    finally:
+        reg.close()
+
+
+def test_a_streaming_model_is_never_evicted(models_dir: Path) -> None:
+    probe = make(models_dir)
+    budget = probe.estimate_for(probe.resolve("gemma")).total + 1_000_000  # one at a time
+    probe.close()
+    reg = make(models_dir, max_memory=budget, load_timeout=1.0)
+    try:
+        with ServerThread(reg, reg.settings) as srv:
+            body = {
+                "model": SMOL,
+                "stream": True,
+                "max_tokens": 300,
+                "ignore_eos": True,
+                "messages": [{"role": "user", "content": "Write a long story."}],
+            }
+            chunks: list[str] = []
+            started = threading.Event()
+
+            def slow_stream() -> None:
+                with httpx.stream(
+                    "POST", srv.url + "/v1/chat/completions", json=body, timeout=120
+                ) as r:
+                    for line in r.iter_lines():
+                        if line:
+                            chunks.append(line)
+                            started.set()
+
+            t = threading.Thread(target=slow_stream)
+            t.start()
+            assert started.wait(60)
+            r = httpx.post(
+                srv.url + "/v1/chat/completions",
+                timeout=60,
+                json={
+                    "model": "gemma",
+                    "max_tokens": 2,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            )
+            assert r.status_code == 503 and r.json()["error"]["code"] == "models_busy"
+            t.join(120)
+            assert any('"finish_reason":"length"' in c for c in chunks)  # not cut
+            assert chunks[-1] == "data: [DONE]"
+            r = httpx.post(
+                srv.url + "/v1/chat/completions",
+                timeout=60,
+                json={
+                    "model": "gemma",
+                    "max_tokens": 2,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            )
+            assert r.status_code == 200  # now SMOL is idle and gets evicted
+            assert [lm.info.id for lm in reg.loaded()] == ["gemma"]
+    finally:
+        reg.close()
+
+
+def test_model_too_large_is_refused_with_its_estimate(models_dir: Path) -> None:
+    reg = make(models_dir, max_memory=50_000_000)
+    try:
+        with pytest.raises(ModelTooLarge, match=r"needs about \d+ MB.*budget is 50 MB"):
+            reg.ensure_loaded(SMOL)
+        assert reg.loaded() == []
+        with ServerThread(reg, reg.settings) as srv:
+            r = httpx.post(
+                srv.url + "/v1/chat/completions",
+                json={"model": SMOL, "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert r.status_code == 507 and "insufficient_memory" in r.text
+    finally:
+        reg.close()
+
+
+def test_keep_alive_zero_unloads_after_the_request(models_dir: Path) -> None:
+    reg = make(models_dir)
+    try:
+        with ServerThread(reg, reg.settings) as srv:
+            r = httpx.post(
+                srv.url + "/v1/chat/completions",
+                timeout=60,
+                json={
+                    "model": SMOL,
+                    "max_tokens": 3,
+                    "keep_alive": 0,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            )
+            assert r.status_code == 200
+            wait_for(lambda: reg.loaded() == [], 5)
+            bad = httpx.post(
+                srv.url + "/v1/chat/completions",
+                json={
+                    "model": SMOL,
+                    "keep_alive": "soon",
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            )
+            assert bad.status_code == 400 and "keep_alive" in bad.text
+    finally:
+        reg.close()
+
+
+def test_ttl_counts_from_the_end_of_the_last_request(models_dir: Path) -> None:
+    reg = make(models_dir, keep_alive=1.0)
+    try:
+        lm = reg.acquire(SMOL)
+        time.sleep(1.5)  # longer than the TTL, but the model is in use
+        assert reg.get_loaded(SMOL) is lm and lm.expires_at is None
+        reg.release(lm)
+        assert lm.expires_in() is not None and lm.expires_in() > 0.5  # type: ignore[operator]
+        wait_for(lambda: reg.get_loaded(SMOL) is None, 5)
+        forever = reg.acquire(SMOL)
+        reg.release(forever, keep_alive=-1)
+        assert forever.expires_at is None
+    finally:
+        reg.close()
+
+
+@pytest.fixture(scope="module")
+def admin(models_dir: Path) -> Iterator[tuple[ServerThread, Registry]]:
+    reg = make(models_dir)
+    with ServerThread(reg, reg.settings) as srv:
+        yield srv, reg
+    reg.close()
+
+
+def test_admin_models_estimate_load_unload(admin: tuple[ServerThread, Registry]) -> None:
+    srv, _reg = admin
+    listing = httpx.get(srv.url + "/admin/models").json()
+    by_id = {m["id"]: m for m in listing["models"]}
+    assert set(by_id) >= {SMOL, "gemma", "smol-copy"}
+    assert by_id["gemma"]["memory_estimate"]["total"] > 0 and by_id["gemma"]["fits"] is True
+    est = httpx.get(
+        srv.url + "/admin/estimate", params={"model": "gemma", "ctx": 4096, "parallel": 2}
+    ).json()
+    assert est["estimate"]["ctx"] == 4096 and est["estimate"]["parallel"] == 2
+    assert (
+        est["estimate"]["kv_cache"]
+        == 2
+        * httpx.get(
+            srv.url + "/admin/estimate", params={"model": "gemma", "ctx": 4096, "parallel": 1}
+        ).json()["estimate"]["kv_cache"]
+    )
+    with httpx.stream("POST", srv.url + "/admin/models/gemma/load", timeout=60) as r:
+        events = [line.split(": ", 1)[1] for line in r.iter_lines() if line.startswith("event: ")]
+    assert events == ["loading", "loaded"]
+    loaded = {m["id"]: m for m in httpx.get(srv.url + "/admin/models").json()["models"]}
+    assert loaded["gemma"]["state"] == "ready" and loaded["gemma"]["memory_measured"] > 0
+    assert loaded["gemma"]["expires_in"] is not None
+    r = httpx.post(srv.url + "/admin/models/gemma/unload")
+    assert r.json() == {"model": "gemma", "unloaded": True}
+    assert httpx.post(srv.url + "/admin/models/nope/load").status_code == 404
+    assert (
+        httpx.get(srv.url + "/admin/estimate", params={"model": "gemma", "ctx": 1}).status_code
+        == 400
+    )
+
+
+def test_admin_events_stream(admin: tuple[ServerThread, Registry]) -> None:
+    srv, reg = admin
+    seen: list[str] = []
+
+    def listen() -> None:
+        with httpx.stream("GET", srv.url + "/admin/events", timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    seen.append(line[7:])
+                    if line == "event: unloaded":
+                        return
+
+    t = threading.Thread(target=listen)
+    t.start()
+    time.sleep(0.5)
+    httpx.post(
+        srv.url + "/v1/completions",
+        timeout=60,
+        json={"model": SMOL, "prompt": "Hello", "max_tokens": 2},
+    )
+    reg.unload(SMOL)
+    t.join(30)
+    assert seen[:4] == ["loading", "loaded", "request", "unloaded"]
+
+
+def test_metrics_parse_with_prometheus_client(admin: tuple[ServerThread, Registry]) -> None:
+    srv, _ = admin
+    for _ in range(2):
+        httpx.post(
+            srv.url + "/v1/chat/completions",
+            timeout=60,
+            json={"model": SMOL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]},
+        )
+    httpx.post(srv.url + "/v1/chat/completions", json={"model": SMOL})  # a 400
+    text = httpx.get(srv.url + "/metrics").text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    reqs = {
+        (s.labels["model"], s.labels["status"]): s.value
+        for s in fams["lmx_requests"].samples
+        if s.name == "lmx_requests_total"
+    }
+    assert reqs[(SMOL, "200")] >= 2 and reqs[("", "400")] >= 1
+    ttft = [
+        s
+        for s in fams["lmx_time_to_first_token_seconds"].samples
+        if s.name.endswith("_count") and s.labels["model"] == SMOL
+    ]
+    assert ttft and ttft[0].value >= 2
+    assert fams["lmx_models_loaded"].samples[0].value >= 1
+    kinds = {s.labels["kind"] for s in fams["lmx_model_memory_bytes"].samples}
+    assert kinds == {"estimate", "measured"}
+    assert fams["lmx_process_resident_memory_bytes"].samples[0].value > 0
+    assert "lmx_queue_depth" in fams and "lmx_generated_tokens" in fams
