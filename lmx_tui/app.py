@@ -202,6 +202,13 @@ class LmxApp(App[None]):
     def refresh_models(self) -> None:
         models = self.registry.models()
         states = {lm.info.id: lm.state for lm in self.registry.loaded()}
+        states.update(
+            {
+                m.id: f"{states.get(m.id, 'available')} (pinned)"
+                for m in models
+                if self.registry.is_pinned(m.id)
+            }
+        )
         memory: dict[str, tuple[int, bool]] = {}
         for m in models:
             if m.usable:
@@ -211,6 +218,11 @@ class LmxApp(App[None]):
                 memory[m.id] = (est.total, fits)
         self.query_one(ModelBrowser).show(models, states, memory)
         self.query_one(ChatPane).set_models([m.id for m in models if m.usable])
+
+    def _state(self, model_id: str, live: str | None = None) -> str:
+        lm = self.registry.get_loaded(model_id)
+        state = live or (lm.state if lm else "available")
+        return f"{state} (pinned)" if self.registry.is_pinned(model_id) else state
 
     @_while_mounted
     def on_registry_changed(self, message: RegistryChanged) -> None:
@@ -228,7 +240,7 @@ class LmxApp(App[None]):
     def on_snapshot_ready(self, message: SnapshotReady) -> None:
         with self.batch_update():
             self.query_one(GaugesPane).apply(message.snapshot)
-            busy = {m.model: m.state for m in message.snapshot.models}
+            busy = {m.model: self._state(m.model, m.state) for m in message.snapshot.models}
             browser = self.query_one(ModelBrowser)
             if busy != {k: v for k, v in browser.states.items() if k in busy}:
                 browser.show(browser.models, {**browser.states, **busy})
@@ -262,6 +274,11 @@ class LmxApp(App[None]):
             self.notify(f"unloaded {model_id}")
         else:
             self.notify(f"{model_id} is not loaded", severity="warning")
+
+    def on_model_browser_pin(self, message: ModelBrowser.Pin) -> None:
+        pinned = self.registry.is_pinned(message.model_id)
+        self.registry.pin(message.model_id, not pinned)
+        self.notify(f"{'unpinned' if pinned else 'pinned'} {message.model_id}")
 
     def on_model_browser_rescan(self, message: ModelBrowser.Rescan) -> None:
         self.run_worker(self._rescan(), group="models")
@@ -346,6 +363,7 @@ def start_server(registry: Registry, settings: Settings) -> tuple[ServerThread |
 def run_tui(settings: Settings, *, serve: bool = True) -> None:
     """`lmx`: the app on the main thread, the HTTP server on a worker thread."""
     registry = Registry(settings)
+    registry.watch_config()
     server, note = start_server(registry, settings) if serve else (None, "server off")
     try:
         LmxApp(registry, server=server, server_note=note).run()

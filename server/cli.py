@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -321,6 +322,9 @@ def cmd_serve(settings: Settings, log_level: str) -> None:
         f"http://{host}:{port} (OpenAI API at /v1)",
         flush=True,
     )
+    if settings.config_path is not None:
+        registry.watch_config()
+        signal.signal(signal.SIGHUP, lambda *_: registry.try_reload())
     try:
         server.run(sockets=[sock])
     finally:

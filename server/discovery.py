@@ -4,7 +4,8 @@ Model ids (stable, readable, lowercase):
 - the packaged default: the file name without `.gguf` (`smollm2-135m-instruct.q4_1`);
 - a file under a model dir: its path relative to that dir without `.gguf` (`llama/tiny.q8_0`);
 - a file in the Hugging Face cache: `<org>/<repo>/<file name without .gguf>`.
-A model is also reachable by any unique prefix of its id or of its last path segment, and the
+A model is also reachable by any unique prefix of its id or of its last path segment, by an
+Ollama-style `name:tag` (the tag must appear in the id; `latest` matches any), and the
 packaged model by the alias `default`.
 """
 
@@ -222,10 +223,17 @@ def resolve_name(name: str, models: dict[str, ModelInfo]) -> ModelInfo | None:
     for m in models.values():
         if key in m.aliases:
             return m
+    tag = ""
+    if ":" in key:
+        # Ollama-style `name:tag` (smollm2:135m, smollm2-135m-instruct.q4_1:latest).
+        key, tag = key.split(":", 1)
+        if key in models and tag in ("", "latest"):
+            return models[key]
+        tag = "" if tag == "latest" else tag
     hits = [
         m
         for m in models.values()
-        if m.id.startswith(key) or m.id.rsplit("/", 1)[-1].startswith(key)
+        if (m.id.startswith(key) or m.id.rsplit("/", 1)[-1].startswith(key)) and tag in m.id
     ]
     if len(hits) == 1:
         return hits[0]

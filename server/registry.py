@@ -15,6 +15,7 @@ from server.engines.llamacpp import EngineOptions, LlamaCppEngine
 from server.errors import (
     EngineFailure,
     InvalidRequest,
+    LmxError,
     ModelNotFound,
     ModelsBusy,
     ModelTooLarge,
@@ -27,7 +28,13 @@ from server.memory import (
     estimate,
     process_rss,
 )
-from server.settings import Settings, parse_duration
+from server.settings import (
+    ConfigError,
+    PresetConfig,
+    Settings,
+    parse_duration,
+    read_config,
+)
 from server.telemetry import RequestLog
 
 log = logging.getLogger(__name__)
@@ -85,6 +92,7 @@ class Registry:
         self._reaper: threading.Thread | None = None
         self.requests = RequestLog()
         self.budget = settings.max_memory or default_budget()
+        self._pins: set[str] = set()
         self.refresh()
 
     # ----- catalogue -----------------------------------------------------------------------
@@ -110,6 +118,7 @@ class Registry:
         """The model a user-supplied name refers to, or ModelNotFound."""
         with self._lock:
             models = dict(self._models)
+        name = self.settings.aliases.get(name.strip().lower(), name)
         try:
             m = resolve_name(name, models)
         except LookupError as e:
@@ -212,7 +221,8 @@ class Registry:
         count = len(loaded)
         cap = self.settings.max_loaded_models
         victims: list[str] = []
-        for lm in sorted((lm for lm in loaded if lm.idle), key=lambda lm: lm.last_used):
+        idle = (lm for lm in loaded if lm.idle and not self.is_pinned(lm.info.id))
+        for lm in sorted(idle, key=lambda lm: lm.last_used):
             if used + need <= self.budget and not (cap and count + 1 > cap):
                 break
             victims.append(lm.info.id)
@@ -232,8 +242,13 @@ class Registry:
             )
         deadline = time.monotonic() + self.settings.load_timeout
         while True:
+            rivals = self.group_rivals(info.id)
+            if rivals and all(lm.idle for lm in rivals):
+                for lm in rivals:
+                    self._unload_id(lm.info.id, reason="evicted")
+                continue
             fits, victims = self.plan(est.total, exclude=info.id)
-            if fits:
+            if fits and not rivals:
                 for v in victims:
                     self._unload_id(v, reason="evicted")
                 return
@@ -245,6 +260,94 @@ class Registry:
                     param="model",
                 )
             time.sleep(0.05)
+
+    # ----- pins, groups, presets, config ---------------------------------------------------------
+
+    def is_pinned(self, model_id: str) -> bool:
+        mc = self.settings.models.get(model_id)
+        return model_id in self._pins or bool(mc and mc.pin)
+
+    def pin(self, name: str, on: bool = True) -> str:
+        """Pinned models are never evicted and never expire."""
+        info = self.resolve(name)
+        with self._lock:
+            if on:
+                self._pins.add(info.id)
+            else:
+                self._pins.discard(info.id)
+        self._publish(RegistryEvent("pinned" if on else "unpinned", info.id))
+        return info.id
+
+    def group_of(self, model_id: str) -> tuple[str, set[str]] | None:
+        """The group a model belongs to and its members' ids."""
+        for name, g in self.settings.groups.items():
+            ids = set()
+            for member in g.members:
+                try:
+                    ids.add(self.resolve(member).id)
+                except LmxError:
+                    continue
+            if model_id in ids:
+                return name, ids
+        return None
+
+    def group_rivals(self, model_id: str) -> list[LoadedModel]:
+        """Loaded members of other groups, which an exclusive group's member unloads."""
+        mine = self.group_of(model_id)
+        if mine is None or not self.settings.groups[mine[0]].exclusive:
+            return []
+        out = []
+        for lm in self.loaded():
+            other = self.group_of(lm.info.id)
+            if other is not None and other[0] != mine[0] and not self.is_pinned(lm.info.id):
+                out.append(lm)
+        return out
+
+    def preset(self, name: str) -> PresetConfig | None:
+        return self.settings.presets.get(name.strip().lower())
+
+    def reload_config(self) -> None:
+        """Re-read the config file: per-model settings, aliases, groups, presets, keep_alive.
+        Requests in flight go on; a bad file raises ConfigError and the old config stays."""
+        path = self.settings.config_path
+        if path is None:
+            return
+        cf = read_config(path)
+        self.settings.apply_model_sections(cf)
+        log.info("reloaded %s", path)
+        self._publish(RegistryEvent("config_reloaded", "", detail={"path": str(path)}))
+
+    def watch_config(self, interval: float = 1.0) -> None:
+        """Reload the config file whenever it changes (a thread; stops with close())."""
+        path = self.settings.config_path
+        if path is None:
+            return
+
+        def mtime() -> float:
+            try:
+                return path.stat().st_mtime
+            except OSError:
+                return 0.0
+
+        def loop() -> None:
+            seen = mtime()
+            while not self._closed.wait(interval):
+                now = mtime()
+                if now != seen:
+                    seen = now
+                    self.try_reload()
+
+        threading.Thread(target=loop, name="lmx-config-watch", daemon=True).start()
+
+    def try_reload(self) -> bool:
+        """Reload, logging (not raising) a bad file: the old config stays in force."""
+        try:
+            self.reload_config()
+            return True
+        except ConfigError as e:
+            log.error("config not reloaded, the old one stays: %s", e)
+            self._publish(RegistryEvent("config_error", "", detail={"error": str(e)}))
+            return False
 
     # ----- leases and keep_alive ---------------------------------------------------------------
 
@@ -290,6 +393,8 @@ class Registry:
         while not self._closed.wait(0.2):
             now = time.monotonic()
             for lm in self.loaded():
+                if self.is_pinned(lm.info.id):
+                    continue
                 if lm.expires_at is not None and lm.expires_at <= now and lm.idle:
                     with self._admission:
                         if lm.expires_at is not None and lm.expires_at <= now and lm.idle:

@@ -27,6 +27,28 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     gpu_layers: int | None = None
     chat_template: str | None = None
     keep_alive: str | int | float | None = None
+    pin: bool = False
+
+
+class GroupConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`[groups.NAME]`: models that may be loaded together (llama-swap's groups)."""
+
+    members: list[str]
+    exclusive: bool = True  # loading a member unloads the members of other groups
+
+
+class PresetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`[presets.NAME]`: a model id of its own over a base model (like an Ollama Modelfile)."""
+
+    model: str
+    system: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    max_tokens: int | None = None
+    stop: list[str] | None = None
 
 
 class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -47,6 +69,9 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     load_timeout: float | None = None
     hf_cache: bool = True
     models: dict[str, ModelConfig] = {}
+    aliases: dict[str, str] = {}
+    groups: dict[str, GroupConfig] = {}
+    presets: dict[str, PresetConfig] = {}
 
 
 @dataclass
@@ -70,22 +95,14 @@ class Settings:
     include_hf_cache: bool = True
     hf_cache_dir: Path | None = None
     models: dict[str, ModelConfig] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    groups: dict[str, GroupConfig] = field(default_factory=dict)
+    presets: dict[str, PresetConfig] = field(default_factory=dict)
     config_path: Path | None = None
 
     def apply_file(self, path: Path) -> None:
         """Overlay a TOML config file. Raises ConfigError with the file and the line at fault."""
-        try:
-            raw = path.expanduser().read_bytes()
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
-        try:
-            data = tomllib.loads(raw.decode("utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"invalid config {path}: {e}") from e
-        try:
-            cf = msgspec.convert(data, ConfigFile)
-        except msgspec.ValidationError as e:
-            raise ConfigError(f"invalid config {path}: {e}") from e
+        cf = read_config(path)
         for name in (
             "host",
             "port",
@@ -101,9 +118,19 @@ class Settings:
                 setattr(self, name, v)
         self.model_dirs += [Path(d).expanduser() for d in cf.model_dirs]
         self.include_hf_cache = cf.hf_cache
-        self.models.update({k.lower(): v for k, v in cf.models.items()})
+        self.apply_model_sections(cf)
         self.config_path = path
         self.validate()
+
+    def apply_model_sections(self, cf: ConfigFile) -> None:
+        """The parts a running server takes on reload: per-model settings, aliases, groups,
+        presets."""
+        self.models = {k.lower(): v for k, v in cf.models.items()}
+        self.aliases = {k.lower(): v for k, v in cf.aliases.items()}
+        self.groups = dict(cf.groups)
+        self.presets = {k.lower(): v for k, v in cf.presets.items()}
+        if cf.keep_alive is not None:
+            self.keep_alive = parse_duration(cf.keep_alive)
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -157,6 +184,41 @@ def parse_memory(value: str | int) -> int:
     from server.memory import parse_size
 
     return value if isinstance(value, int) else parse_size(value)
+
+
+def read_config(path: Path) -> ConfigFile:
+    """Parse and check a config file; ConfigError names the file and the line at fault."""
+    try:
+        raw = path.expanduser().read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
+    try:
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"invalid config {path}: {e}") from e
+    try:
+        cf = msgspec.convert(data, ConfigFile)
+        for v in [cf.keep_alive] + [m.keep_alive for m in cf.models.values()]:
+            if v is not None:
+                parse_duration(v)
+    except (msgspec.ValidationError, ValueError) as e:
+        raise ConfigError(f"invalid config {path}: {e}{_line_of(text, str(e))}") from e
+    return cf
+
+
+def _line_of(text: str, message: str) -> str:
+    """The line a validation error points at (`... - at `$.models.x.ctx``), when findable."""
+    m = re.search(r"`\$\.([^`]+)`", message)
+    if not m:
+        m = re.search(r"field `([^`]+)`", message)
+        if not m:
+            return ""
+    key = m.group(1).split(".")[-1].split("[")[0]
+    for n, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"\s*\"?{re.escape(key)}\"?\s*=", line):
+            return f" (line {n})"
+    return ""
 
 
 def is_loopback(host: str) -> bool:

@@ -92,3 +92,10 @@ def test_resolution_by_alias_prefix_and_ambiguity(tmp_path: Path, smollm2_path: 
     assert resolve_name("nothing-like-it", models) is None
     with pytest.raises(LookupError, match="qwen-a, qwen-b"):
         resolve_name("qwen", models)
+
+
+def test_ollama_style_names() -> None:
+    models = {m.id: m for m in discover(include_hf_cache=False)}
+    for name in ("smollm2:135m", "smollm2-135m-instruct.q4_1:latest", "smollm2:latest"):
+        assert resolve_name(name, models).id == "smollm2-135m-instruct.q4_1"  # type: ignore[union-attr]
+    assert resolve_name("smollm2:7b", models) is None

@@ -54,6 +54,13 @@ class ModelBrowser(Vertical):
     class Rescan(Message):
         """Look for models again."""
 
+    class Pin(Message):
+        """Toggle this model's pin."""
+
+        def __init__(self, model_id: str) -> None:
+            super().__init__()
+            self.model_id = model_id
+
     def __init__(self, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
         self.models: list[ModelInfo] = []
@@ -148,6 +155,10 @@ class ModelBrowser(Vertical):
     def action_unload(self) -> None:
         if self.selected:
             self.post_message(self.Unload(self.selected))
+
+    def action_pin(self) -> None:
+        if self.selected:
+            self.post_message(self.Pin(self.selected))
 
     def action_refresh(self) -> None:
         self.post_message(self.Rescan())

@@ -36,6 +36,9 @@ def describe_model(registry: Registry, info: ModelInfo) -> dict[str, Any]:
     out = info.describe()
     lm = registry.get_loaded(info.id)
     out["state"] = "available" if lm is None else lm.state
+    out["pinned"] = registry.is_pinned(info.id)
+    group = registry.group_of(info.id)
+    out["group"] = group[0] if group else None
     if info.usable:
         est = registry.estimate_for(info)
         fits, evict = registry.plan(est.total, exclude=info.id)
@@ -128,6 +131,18 @@ class AdminController(Controller):
         info = registry.resolve(model_id)
         done = await asyncio.to_thread(registry.unload, info.id)
         return {"model": info.id, "unloaded": done}
+
+    @post("/models/{model_id:str}/pin", status_code=200)
+    async def pin(
+        self, registry: NamedDependency[Registry], model_id: FromPath[str]
+    ) -> dict[str, Any]:
+        return {"model": registry.pin(model_id, True), "pinned": True}
+
+    @post("/models/{model_id:str}/unpin", status_code=200)
+    async def unpin(
+        self, registry: NamedDependency[Registry], model_id: FromPath[str]
+    ) -> dict[str, Any]:
+        return {"model": registry.pin(model_id, False), "pinned": False}
 
     @get("/events")
     async def events(self, registry: NamedDependency[Registry]) -> Stream:

@@ -17,6 +17,7 @@ from litestar.openapi import OpenAPIConfig
 
 from server import __version__
 from server.api.admin import AdminController, metrics_handler
+from server.api.ollama import OllamaController
 from server.api.openai import OpenAIController
 from server.errors import LmxError, QueueFull, Unauthorized
 from server.registry import Registry
@@ -157,7 +158,13 @@ def create_app(registry: Registry, settings: Settings | None = None) -> Litestar
     """Build the HTTP app over `registry` (shared with the TUI when it runs)."""
     settings = settings or registry.settings
     return Litestar(
-        route_handlers=[health, OpenAIController, AdminController, metrics_handler(registry)],
+        route_handlers=[
+            health,
+            OpenAIController,
+            OllamaController,
+            AdminController,
+            metrics_handler(registry),
+        ],
         dependencies={
             "registry": Provide(lambda: registry, use_cache=True, sync_to_thread=False),
         },

@@ -29,7 +29,7 @@ from server.engines.base import Finished, GenerationRequest, SamplingParams, Tok
 from server.engines.llamacpp import LlamaCppEngine, json_grammar
 from server.errors import ContextOverflow, EngineFailure, InvalidRequest
 from server.registry import LoadedModel, Registry
-from server.settings import parse_duration
+from server.settings import PresetConfig, parse_duration
 from server.telemetry import RequestRecord
 
 
@@ -78,6 +78,21 @@ def keep_alive_value(value: str | int | float | None) -> float | None:
         return parse_duration(value)
     except ValueError as e:
         raise InvalidRequest(str(e), param="keep_alive") from e
+
+
+PRESET_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "stop")
+
+
+def with_preset(registry: Registry, body: Any) -> tuple[Any, PresetConfig | None]:
+    """A request to a preset's id: its base model, and its defaults where the request is silent."""
+    p = registry.preset(body.model)
+    if p is None:
+        return body, None
+    changes: dict[str, Any] = {"model": p.model}
+    for f in PRESET_FIELDS:
+        if getattr(body, f) is None and getattr(p, f) is not None:
+            changes[f] = getattr(p, f)
+    return msgspec.structs.replace(body, **changes), p
 
 
 def _grammar(rf: ResponseFormat | None) -> str | None:
@@ -230,6 +245,16 @@ class OpenAIController(Controller):
     @get("/models")
     async def list_models(self, registry: NamedDependency[Registry]) -> dict[str, Any]:
         data = [model_card(m, registry) for m in registry.models() if m.usable]
+        for name, p in sorted(registry.settings.presets.items()):
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "lmx",
+                    "lmx": {"preset_of": p.model, "system": p.system},
+                }
+            )
         return {"object": "list", "data": data}
 
     @get("/models/{model_id:path}")
@@ -245,7 +270,10 @@ class OpenAIController(Controller):
         started = time.perf_counter()
         if data.tools:
             raise InvalidRequest("Tool calling is not supported yet.", param="tools")
+        data, preset = with_preset(registry, data)
         messages = _messages(data.messages)
+        if preset and preset.system and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": preset.system})
         grammar = _grammar(data.response_format)
         ka = keep_alive_value(data.keep_alive)
         lm = await asyncio.to_thread(registry.acquire, data.model)
@@ -328,6 +356,7 @@ class OpenAIController(Controller):
         self, registry: NamedDependency[Registry], data: JSONBody[CompletionRequest]
     ) -> Any:
         started = time.perf_counter()
+        data, _ = with_preset(registry, data)
         prompts_text = [data.prompt] if isinstance(data.prompt, str) else data.prompt
         if not all(isinstance(p, str) for p in prompts_text):
             raise InvalidRequest("prompt must be a string or a list of strings.", param="prompt")
