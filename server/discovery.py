@@ -3,7 +3,9 @@
 Model ids (stable, readable, lowercase):
 - the packaged default: the file name without `.gguf` (`smollm2-135m-instruct.q4_1`);
 - a file under a model dir: its path relative to that dir without `.gguf` (`llama/tiny.q8_0`);
-- a file in the Hugging Face cache: `<org>/<repo>/<file name without .gguf>`.
+- a file in the Hugging Face cache: `<org>/<repo>/<file name without .gguf>`;
+- a model in Ollama's store: its Ollama name (`llama3.2:3b`, `hf.co/user/repo:q4_k_m`);
+- a file in LM Studio's folders: `<publisher>/<repo>/<file name without .gguf>`.
 A model is also reachable by any unique prefix of its id or of its last path segment, by an
 Ollama-style `name:tag` (the tag must appear in the id; `latest` matches any), and the
 packaged model by the alias `default`.
@@ -12,7 +14,9 @@ packaged model by the alias `default`.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -179,14 +183,76 @@ def scan_hf_cache(cache_dir: Path | None = None) -> list[ModelInfo]:
     return out
 
 
+OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
+OLLAMA_LIBRARY = "registry.ollama.ai/library/"
+
+
+def ollama_models_dir() -> Path:
+    env = os.environ.get("OLLAMA_MODELS")
+    return Path(env) if env else Path.home() / ".ollama" / "models"
+
+
+def lmstudio_dirs() -> list[Path]:
+    home = Path.home()
+    return [home / ".lmstudio" / "models", home / ".cache" / "lm-studio" / "models"]
+
+
+def scan_ollama(root: Path | None = None) -> list[ModelInfo]:
+    """Ollama's store: manifests naming a GGUF blob, listed under their Ollama names."""
+    root = root or ollama_models_dir()
+    manifests = root / "manifests"
+    if not manifests.is_dir():
+        return []
+    out = []
+    for mf in sorted(p for p in manifests.rglob("*") if p.is_file()):
+        rel = mf.relative_to(manifests).as_posix()  # host/namespace/name/tag
+        parts = rel.split("/")
+        if len(parts) < 3:
+            continue
+        full = "/".join(parts[:-1])
+        name = full[len(OLLAMA_LIBRARY) :] if full.startswith(OLLAMA_LIBRARY) else full
+        model_id = f"{name}:{parts[-1]}".lower()
+        try:
+            layers = json.loads(mf.read_text("utf-8")).get("layers", [])
+            layer = next(x for x in layers if x.get("mediaType") == OLLAMA_MODEL_LAYER)
+            blob = root / "blobs" / str(layer["digest"]).replace(":", "-")
+        except (OSError, ValueError, StopIteration, KeyError, AttributeError) as e:
+            reason = "no model layer" if isinstance(e, StopIteration) else f"bad manifest: {e}"
+            out.append(ModelInfo(model_id, mf, "ollama", 0, error=reason))
+            continue
+        if not blob.exists():
+            out.append(
+                ModelInfo(
+                    model_id, blob, "ollama", 0, error="blob missing (partial or removed pull)"
+                )
+            )
+            continue
+        out.append(describe_file(model_id, blob, "ollama"))
+    return out
+
+
+def scan_lmstudio(roots: Iterable[Path] | None = None) -> list[ModelInfo]:
+    """LM Studio's folders: publisher/repo/file.gguf."""
+    out = []
+    for root in roots if roots is not None else lmstudio_dirs():
+        for m in scan_dir(root):
+            m.source = "lmstudio"
+            out.append(m)
+    return out
+
+
 def discover(
     model_dirs: Iterable[Path] = (),
     *,
     include_default: bool = True,
     include_hf_cache: bool = True,
     hf_cache_dir: Path | None = None,
+    include_user_stores: bool = True,
+    ollama_dir: Path | None = None,
+    lmstudio: Iterable[Path] | None = None,
 ) -> list[ModelInfo]:
-    """All available models, with ids made unique in a fixed order (default, dirs, HF cache)."""
+    """All available models, with ids made unique in a fixed order (default, dirs, HF cache,
+    Ollama, LM Studio)."""
     found: list[ModelInfo] = []
     if include_default:
         found += scan_default()
@@ -194,12 +260,17 @@ def discover(
         found += scan_dir(Path(d))
     if include_hf_cache:
         found += scan_hf_cache(hf_cache_dir)
+    if include_user_stores:
+        found += scan_ollama(ollama_dir)
+        found += scan_lmstudio(lmstudio)
     seen: dict[str, int] = {}
     paths: set[Path] = set()
     unique: list[ModelInfo] = []
     for m in found:
         real = m.path.resolve()
-        if real in paths:  # the same file reached twice (a dir inside the HF cache, a link)
+        # The same file reached twice (a dir inside the HF cache, a link) is listed once; but
+        # Ollama names sharing a blob are distinct names, as `ollama list` shows them.
+        if real in paths and m.source != "ollama":
             continue
         paths.add(real)
         n = seen.get(m.id, 0) + 1

