@@ -107,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory each model needs (at --ctx/--parallel) and whether it fits",
     )
     _common(ls)
+    se = sub.add_parser("search", help="search the Hugging Face hub for GGUF models")
+    se.add_argument("text")
+    se.add_argument("--sort", choices=["downloads", "likes"], default="downloads")
+    se.add_argument("--files", metavar="REPO", help="list one repository's GGUF files instead")
+    pull = sub.add_parser("pull", help="download a model: REPO[:QUANT] (resumable, verified)")
+    pull.add_argument("ref", metavar="REPO[:QUANT]")
+    pull.add_argument("--file", help="a file of the repository instead of a quantization")
+    _common(pull)
+    rm = sub.add_parser("rm", help="delete a downloaded model (Hugging Face cache)")
+    rm.add_argument("model")
+    _common(rm)
     run = sub.add_parser("run", help="answer one prompt with a model, streamed to stdout")
     run.add_argument("model", help="model id, unique prefix, or 'default'")
     run.add_argument("prompt", help="the user message ('-' reads standard input)")
@@ -167,6 +178,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             cmd_ls(settings, as_json=args.json, with_estimate=args.estimate)
         elif args.command == "run":
             cmd_run(settings, args)
+        elif args.command == "search":
+            cmd_search(settings, args)
+        elif args.command == "pull":
+            cmd_pull(settings, args)
+        elif args.command == "rm":
+            cmd_rm(settings, args.model)
         elif args.no_ui:
             cmd_serve(settings, args.log_level)
         else:
@@ -295,6 +312,88 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
         sys.stdout.write("\n")
         if ev.reason == "error":
             raise CliError(ev.error or "generation failed")
+    except LmxError as e:
+        raise CliError(e.message) from e
+    finally:
+        registry.close()
+
+
+# ----- lmx search / pull / rm ------------------------------------------------------------------
+
+
+def cmd_search(settings: Settings, args: argparse.Namespace) -> None:
+    from server import hub
+    from server.errors import LmxError
+    from server.memory import default_budget
+
+    try:
+        if args.files:
+            listing = hub.repo_files(args.files, settings.max_memory or default_budget())
+            for f in listing["files"]:
+                mark = "*" if f["name"] == listing["recommended"] else " "
+                print(
+                    f"{mark} {f['name']:<60} {f['quantization'] or '-':<8} "
+                    f"{human_size(f['size']):>9}  {'fits' if f['fits'] else 'too big'}"
+                )
+            if listing["recommended"]:
+                print(f"\n* recommended: lmx pull {args.files} --file {listing['recommended']}")
+            return
+        for r in hub.search(args.text, sort=args.sort):
+            print(f"{r['id']:<60} {r['downloads']:>10} downloads {r['likes']:>6} likes")
+    except LookupError as e:
+        raise CliError(str(e)) from e
+    except LmxError as e:
+        raise CliError(e.message) from e
+
+
+def cmd_pull(settings: Settings, args: argparse.Namespace) -> None:
+    from server.api.admin import enqueue
+    from server.errors import LmxError
+    from server.registry import Registry
+
+    repo, _, quant = args.ref.partition(":")
+    registry = Registry(settings)
+    try:
+        jobs = enqueue(registry, repo, quant or None, args.file)
+        while True:
+            done = sum(j.done for j in jobs)
+            total = sum(j.size for j in jobs) or 1
+            rate = sum(j.rate for j in jobs)
+            bar = "#" * int(30 * done / total)
+            sys.stderr.write(
+                f"\r{repo} [{bar:<30}] {human_size(done)} / {human_size(total)} "
+                f"{human_size(int(rate))}/s   "
+            )
+            sys.stderr.flush()
+            if all(j.state not in ("queued", "running") for j in jobs):
+                break
+            registry.downloads.wait(
+                jobs[0].id
+                if jobs[0].state in ("queued", "running")
+                else next(j.id for j in jobs if j.state in ("queued", "running")),
+                0.5,
+            )
+        sys.stderr.write("\n")
+        bad = [j for j in jobs if j.state != "done"]
+        if bad:
+            raise CliError(bad[0].error or f"download {bad[0].state}")
+        registry.refresh()
+        info = registry.resolve(f"{repo}/{jobs[0].filename.removesuffix('.gguf')}".lower())
+        print(f"pulled {info.id}")
+    except LmxError as e:
+        raise CliError(e.message) from e
+    finally:
+        registry.downloads.close()
+        registry.close()
+
+
+def cmd_rm(settings: Settings, model: str) -> None:
+    from server.errors import LmxError
+    from server.registry import Registry
+
+    registry = Registry(settings)
+    try:
+        print(f"removed {registry.remove(model)}")
     except LmxError as e:
         raise CliError(e.message) from e
     finally:

@@ -241,6 +241,14 @@ def scan_lmstudio(roots: Iterable[Path] | None = None) -> list[ModelInfo]:
     return out
 
 
+def _hf_cache_from_env() -> Path | None:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    return None
+
+
 def discover(
     model_dirs: Iterable[Path] = (),
     *,
@@ -259,7 +267,7 @@ def discover(
     for d in model_dirs:
         found += scan_dir(Path(d))
     if include_hf_cache:
-        found += scan_hf_cache(hf_cache_dir)
+        found += scan_hf_cache(hf_cache_dir or _hf_cache_from_env())
     if include_user_stores:
         found += scan_ollama(ollama_dir)
         found += scan_lmstudio(lmstudio)

@@ -8,9 +8,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from server.discovery import ModelInfo, discover, resolve_name
+from server.downloads import Download, DownloadQueue
 from server.engines.llamacpp import EngineOptions, LlamaCppEngine
 from server.errors import (
     EngineFailure,
@@ -32,8 +34,10 @@ from server.settings import (
     ConfigError,
     PresetConfig,
     Settings,
+    hf_cache_dir,
     parse_duration,
     read_config,
+    state_dir,
 )
 from server.telemetry import RequestLog
 
@@ -93,6 +97,7 @@ class Registry:
         self.requests = RequestLog()
         self.budget = settings.max_memory or default_budget()
         self._pins: set[str] = set()
+        self._downloads: DownloadQueue | None = None
         self.refresh()
 
     # ----- catalogue -----------------------------------------------------------------------
@@ -263,6 +268,53 @@ class Registry:
                     param="model",
                 )
             time.sleep(0.05)
+
+    # ----- downloads ------------------------------------------------------------------------------
+
+    @property
+    def downloads(self) -> DownloadQueue:
+        """The download queue (created on first use; it resumes what a restart interrupted)."""
+        with self._lock:
+            if self._downloads is None:
+                self._downloads = DownloadQueue(
+                    hf_cache_dir(self.settings),
+                    state_dir() / "downloads.json",
+                    concurrency=self.settings.download_concurrency,
+                    on_event=self._on_download,
+                )
+                self._downloads.start()
+            return self._downloads
+
+    def _on_download(self, kind: str, d: Download) -> None:
+        if kind == "done":
+            self.refresh()  # verified and in place: now it is a model
+        self._publish(RegistryEvent(f"download_{kind}", d.filename, detail=d.as_dict()))
+
+    def remove(self, name: str) -> Path:
+        """Delete a model lmx manages (the Hugging Face cache): its snapshot link and blob."""
+        info = self.resolve(name)
+        if info.source != "hf-cache":
+            raise InvalidRequest(
+                f"'{info.id}' is used in place from {info.source} ({info.path}); lmx only "
+                "removes models in the Hugging Face cache. Delete the file yourself.",
+                param="model",
+            )
+        self._unload_id(info.id)
+        link = info.path
+        blob = link.resolve()
+        link.unlink(missing_ok=True)
+        repo_dir = link
+        while repo_dir.parent.name != "snapshots" and repo_dir != repo_dir.parent:
+            repo_dir = repo_dir.parent
+        blobs_dir = repo_dir.parent.parent / "blobs"
+        users = [
+            p for p in repo_dir.parent.parent.rglob("*") if p.is_symlink() and p.resolve() == blob
+        ]
+        if blob.parent == blobs_dir and not users:
+            blob.unlink(missing_ok=True)
+        self.refresh()
+        self._publish(RegistryEvent("removed", info.id, detail={"path": str(link)}))
+        return link
 
     # ----- pins, groups, presets, config ---------------------------------------------------------
 

@@ -98,6 +98,7 @@ class Settings:
     include_user_stores: bool = True  # Ollama's and LM Studio's models
     ollama_dir: Path | None = None  # default: $OLLAMA_MODELS or ~/.ollama/models
     lmstudio_dirs: list[Path] | None = None  # default: ~/.lmstudio/models, ~/.cache/lm-studio
+    download_concurrency: int = 2
     models: dict[str, ModelConfig] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     groups: dict[str, GroupConfig] = field(default_factory=dict)
@@ -233,6 +234,22 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def hf_cache_dir(settings: Settings) -> Path:
+    """Where huggingface_hub keeps models (read at call time, so HF_HOME changes apply)."""
+    if settings.hf_cache_dir is not None:
+        return settings.hf_cache_dir
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
+    return Path(home) / "hub"
+
+
+def state_dir() -> Path:
+    """lmx's own state (the download queue): $XDG_STATE_HOME/lmx or ~/.local/state/lmx."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "lmx"
 
 
 def default_config_path() -> Path | None:

@@ -123,10 +123,10 @@ def test_errors_in_ollama_shape(client: ollama.Client, served: Any) -> None:
     assert e.value.status_code == 404 and "no-such-model" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
         client.pull("llama3")
-    assert e.value.status_code == 501 and "pull" in e.value.error
+    assert e.value.status_code == 501 and "hf.co/ORG/REPO" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
-        client.delete(SMOL)
-    assert e.value.status_code == 501
+        client.delete(SMOL)  # the bundled model is used in place: lmx does not delete it
+    assert e.value.status_code == 400 and "used in place" in e.value.error
     r = httpx.post(served[0].url + "/api/chat", content=b"{nope", timeout=10)
     assert r.status_code == 400 and set(r.json()) == {"error"}
     r = httpx.post(

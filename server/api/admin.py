@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Response, get, post
+from litestar import Controller, Response, delete, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, FromQuery, Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter
 from litestar.response import Stream
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -18,8 +18,10 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
+from server import hub
 from server.discovery import ModelInfo
-from server.errors import LmxError
+from server.downloads import Download
+from server.errors import InvalidRequest, LmxError
 from server.memory import process_rss
 from server.registry import Registry, RegistryEvent
 from server.telemetry import RequestRecord, SystemSampler
@@ -144,6 +146,54 @@ class AdminController(Controller):
     ) -> dict[str, Any]:
         return {"model": registry.pin(model_id, False), "pinned": False}
 
+    # ----- hub and downloads -------------------------------------------------------------
+
+    @get("/hub/search")
+    async def hub_search(
+        self,
+        q: FromQuery[str],
+        sort: FromQuery[str] = "downloads",
+        limit: Annotated[int, Parameter(ge=1, le=100)] = 20,
+    ) -> dict[str, Any]:
+        return {"results": await asyncio.to_thread(hub.search, q, sort=sort, limit=limit)}
+
+    @get("/hub/{org:str}/{name:str}/files")
+    async def hub_files(
+        self, registry: NamedDependency[Registry], org: FromPath[str], name: FromPath[str]
+    ) -> dict[str, Any]:
+        listing = await asyncio.to_thread(_listing, f"{org}/{name}", registry.budget)
+        listing.pop("_choices")
+        return listing
+
+    @post("/downloads", status_code=200)
+    async def add_download(
+        self, registry: NamedDependency[Registry], data: JSONBody[DownloadBody]
+    ) -> dict[str, Any]:
+        jobs = await asyncio.to_thread(enqueue, registry, data.repo, data.quant, data.file)
+        return {"downloads": [j.as_dict() for j in jobs]}
+
+    @get("/downloads")
+    async def list_downloads(self, registry: NamedDependency[Registry]) -> dict[str, Any]:
+        return {"downloads": [d.as_dict() for d in registry.downloads.list()]}
+
+    @delete("/downloads/{job_id:str}", status_code=200)
+    async def cancel_download(
+        self, registry: NamedDependency[Registry], job_id: FromPath[str]
+    ) -> dict[str, Any]:
+        return _job(registry, job_id, registry.downloads.cancel).as_dict()
+
+    @post("/downloads/{job_id:str}/pause", status_code=200)
+    async def pause_download(
+        self, registry: NamedDependency[Registry], job_id: FromPath[str]
+    ) -> dict[str, Any]:
+        return _job(registry, job_id, registry.downloads.pause).as_dict()
+
+    @post("/downloads/{job_id:str}/resume", status_code=200)
+    async def resume_download(
+        self, registry: NamedDependency[Registry], job_id: FromPath[str]
+    ) -> dict[str, Any]:
+        return _job(registry, job_id, registry.downloads.resume).as_dict()
+
     @get("/events")
     async def events(self, registry: NamedDependency[Registry]) -> Stream:
         loop = asyncio.get_running_loop()
@@ -190,6 +240,55 @@ class AdminController(Controller):
                     fn()
 
         return Stream(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+class DownloadBody(msgspec.Struct, kw_only=True):
+    """`repo` with an optional `quant` (Q4_K_M) or `file`; neither: the recommended one."""
+
+    repo: str
+    quant: str | None = None
+    file: str | None = None
+
+
+def _listing(repo: str, budget: int) -> dict[str, Any]:
+    if repo.count("/") != 1:
+        raise InvalidRequest(f"'{repo}' is not a repository id (ORG/NAME)", param="repo")
+    try:
+        return hub.repo_files(repo, budget)
+    except LookupError as e:
+        raise NotFound(str(e), param="repo") from e
+
+
+def enqueue(registry: Registry, repo: str, quant: str | None, file: str | None) -> list[Download]:
+    """Queue every file of the model a `repo[:quant]` or `file` names."""
+    listing = _listing(repo, registry.budget)
+    try:
+        choice = hub.pick(listing, quant, file)
+    except ValueError as e:
+        raise InvalidRequest(str(e), param="quant" if quant else "file") from e
+    missing = [f for f in choice.files if f not in choice.sha256]
+    if missing:
+        raise InvalidRequest(
+            f"the hub gives no sha256 for {missing[0]}; lmx only installs files it can verify",
+            param="file",
+        )
+    sizes = {f: choice.size // len(choice.files) for f in choice.files}
+    return [
+        registry.downloads.add(repo, f, choice.sha256[f], sizes[f], listing["commit"])
+        for f in choice.files
+    ]
+
+
+def _job(registry: Registry, job_id: str, action: Any) -> Download:
+    try:
+        return action(job_id)  # type: ignore[no-any-return]
+    except KeyError as e:
+        raise NotFound(f"no download {job_id!r}", param="id") from e
+
+
+class NotFound(LmxError):
+    status = 404
+    code = "not_found"
 
 
 # ----- Prometheus ----------------------------------------------------------------------------

@@ -420,19 +420,58 @@ class OllamaController(Controller):
 
     @delete("/delete", status_code=200)
     async def delete_(self, registry: NamedDependency[Registry], data: JSONBody[ModelBody]) -> None:
-        info = registry.resolve(data.which)
-        raise NotSupported(
-            f"lmx does not delete '{info.id}': it uses models where they are "
-            f"({info.path}); remove the file yourself. Deleting downloaded "
-            "models comes with `lmx pull`."
-        )
+        await asyncio.to_thread(registry.remove, data.which)
 
     @post("/pull", status_code=200)
-    async def pull(self, data: JSONBody[ModelBody]) -> None:
-        raise NotSupported(
-            f"lmx cannot pull '{data.which}' yet: downloads are not "
-            "implemented. Put GGUF files in a --model-dir."
-        )
+    async def pull(self, registry: NamedDependency[Registry], data: JSONBody[PullBody]) -> Any:
+        from server.api.admin import enqueue
+
+        name = data.model or data.name or ""
+        repo, _, quant = name.removeprefix("hf.co/").removeprefix("huggingface.co/").partition(":")
+        if not name.startswith(("hf.co/", "huggingface.co/")) or repo.count("/") != 1:
+            raise NotSupported(
+                f"lmx pulls GGUF repositories from the Hugging Face hub: use "
+                f"hf.co/ORG/REPO[:QUANT], not {name!r}"
+            )
+        jobs = await asyncio.to_thread(enqueue, registry, repo, quant or None, None)
+        if not data.stream:
+            for j in jobs:
+                await asyncio.to_thread(registry.downloads.wait, j.id)
+            failed = [j for j in jobs if j.state != "done"]
+            if failed:
+                raise EngineFailure(failed[0].error or f"download {failed[0].state}")
+            return {"status": "success"}
+        return Stream(self._pull_progress(registry, jobs), media_type=NDJSON)
+
+    async def _pull_progress(self, registry: Registry, jobs: list[Any]) -> AsyncIterator[bytes]:
+        def line(obj: dict[str, Any]) -> bytes:
+            return msgspec.json.encode(obj) + b"\n"
+
+        yield line({"status": "pulling manifest"})
+        while any(j.state in ("queued", "running") for j in jobs):
+            for j in jobs:
+                yield line(
+                    {
+                        "status": f"pulling {j.sha256[:12]}",
+                        "digest": f"sha256:{j.sha256}",
+                        "total": j.size,
+                        "completed": j.done,
+                    }
+                )
+            await asyncio.sleep(0.5)
+        bad = [j for j in jobs if j.state != "done"]
+        if bad:
+            yield line({"error": bad[0].error or f"download {bad[0].state}"})
+            return
+        yield line({"status": "verifying sha256 digest"})
+        yield line({"status": "success"})
+
+
+class PullBody(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    name: str | None = None
+    stream: bool = True
+    insecure: bool = False
 
 
 class NotSupported(LmxError):
