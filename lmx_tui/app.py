@@ -21,7 +21,9 @@ from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
 
 from lmx_tui.monitor import MonitorSampler, SamplerThread, SnapshotReady
 from lmx_tui.widgets.chat import ChatPane
+from lmx_tui.widgets.downloads import DownloadsPane
 from lmx_tui.widgets.gauges import GaugesPane
+from lmx_tui.widgets.hub import HubPane
 from lmx_tui.widgets.models import ModelBrowser
 from lmx_tui.widgets.requests import RequestsPane
 from server.errors import LmxError
@@ -30,12 +32,21 @@ from server.runner import PortInUse, ServerThread
 from server.settings import Settings
 from server.telemetry import RequestRecord, SystemSnapshot
 
-TABS = (("models", "Models"), ("chat", "Chat"), ("monitor", "Monitor"), ("requests", "Requests"))
+TABS = (
+    ("models", "Models"),
+    ("hub", "Hub"),
+    ("downloads", "Downloads"),
+    ("chat", "Chat"),
+    ("monitor", "Monitor"),
+    ("requests", "Requests"),
+)
 PANE_FOCUS = {
     "models": "#model-table",
     "chat": "#chat-input",
     "monitor": "#gauges",
     "requests": "#requests-table",
+    "hub": "#hub-query",
+    "downloads": "#downloads-table",
 }
 
 
@@ -133,6 +144,8 @@ class LmxApp(App[None]):
         Binding("f3", "tab('chat')", "Chat", id="app.chat", show=False),
         Binding("f4", "tab('monitor')", "Monitor", id="app.monitor", show=False),
         Binding("f5", "tab('requests')", "Requests", id="app.requests", show=False),
+        Binding("f6", "tab('hub')", "Hub", id="app.hub", show=False),
+        Binding("f7", "tab('downloads')", "Downloads", id="app.downloads", show=False),
     ]
 
     def __init__(
@@ -161,6 +174,10 @@ class LmxApp(App[None]):
         with TabbedContent(id="tabs"):
             with TabPane("Models", id="models"):
                 yield ModelBrowser(id="browser")
+            with TabPane("Hub", id="hub"):
+                yield HubPane(self.registry, id="hub-pane")
+            with TabPane("Downloads", id="downloads"):
+                yield DownloadsPane(id="downloads-pane")
             with TabPane("Chat", id="chat"):
                 yield ChatPane(self.registry, id="chat-pane")
             with TabPane("Monitor", id="monitor"):
@@ -227,6 +244,14 @@ class LmxApp(App[None]):
     @_while_mounted
     def on_registry_changed(self, message: RegistryChanged) -> None:
         ev = message.event
+        if ev.kind.startswith("download_"):
+            self.query_one(DownloadsPane).show(self.registry.downloads.list())
+            if ev.kind == "download_done":
+                self.refresh_models()
+                self.notify(f"downloaded {ev.model}")
+            elif ev.kind == "download_failed":
+                self.notify(f"{ev.model}: {ev.detail.get('error')}", severity="error")
+            return
         if ev.kind == "loading":
             states = {lm.info.id: lm.state for lm in self.registry.loaded()}
             states[ev.model] = "loading"
@@ -274,6 +299,24 @@ class LmxApp(App[None]):
             self.notify(f"unloaded {model_id}")
         else:
             self.notify(f"{model_id} is not loaded", severity="warning")
+
+    def on_hub_pane_pull(self, message: HubPane.Pull) -> None:
+        self.run_worker(self._pull(message.repo, message.file), group="downloads")
+
+    async def _pull(self, repo: str, file: str) -> None:
+        try:
+            jobs = await asyncio.to_thread(self.registry.pull, repo, None, file)
+        except LmxError as e:
+            self.notify(e.message, severity="error")
+            return
+        self.query_one(DownloadsPane).show(self.registry.downloads.list())
+        self.notify(f"downloading {len(jobs)} file(s) from {repo} (F7)")
+
+    def on_downloads_pane_act(self, message: DownloadsPane.Act) -> None:
+        queue = self.registry.downloads
+        action = {"cancel": queue.cancel, "pause": queue.pause, "resume": queue.resume}
+        action[message.action](message.job_id)
+        self.query_one(DownloadsPane).show(queue.list())
 
     def on_model_browser_pin(self, message: ModelBrowser.Pin) -> None:
         pinned = self.registry.is_pinned(message.model_id)

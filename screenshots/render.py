@@ -78,6 +78,8 @@ async def main() -> None:
             await busy
             await pilot.press("f5")
             await shot("requests")
+            await pilot.press("f7")
+            await shot("downloads")
             await pilot.press("ctrl+p")
             await pilot.press(*"load")
             await shot("command-palette")

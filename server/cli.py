@@ -347,14 +347,13 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def cmd_pull(settings: Settings, args: argparse.Namespace) -> None:
-    from server.api.admin import enqueue
     from server.errors import LmxError
     from server.registry import Registry
 
     repo, _, quant = args.ref.partition(":")
     registry = Registry(settings)
     try:
-        jobs = enqueue(registry, repo, quant or None, args.file)
+        jobs = registry.pull(repo, quant or None, args.file)
         while True:
             done = sum(j.done for j in jobs)
             total = sum(j.size for j in jobs) or 1

@@ -92,3 +92,10 @@ class ModelsBusy(LmxError):
     status = 503
     type = "server_error"
     code = "models_busy"
+
+
+class NotFound(LmxError):
+    """A repository, file or download that does not exist."""
+
+    status = 404
+    code = "not_found"

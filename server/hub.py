@@ -157,6 +157,18 @@ def repo_files(repo: str, budget: int, revision: str = "main") -> dict[str, Any]
     }
 
 
+def listing(repo: str, budget: int) -> dict[str, Any]:
+    """`repo_files` with user errors in lmx's own types (bad id: 400, unknown repo: 404)."""
+    from server.errors import NotFound
+
+    if repo.count("/") != 1:
+        raise InvalidRequest(f"'{repo}' is not a repository id (ORG/NAME)", param="repo")
+    try:
+        return repo_files(repo, budget)
+    except LookupError as e:
+        raise NotFound(str(e), param="repo") from e
+
+
 def pick(listing: dict[str, Any], quant: str | None, filename: str | None) -> Any:
     """The choice a `REPO[:QUANT]` or `--file NAME` asks for; ValueError names the options."""
     choices = listing["_choices"]

@@ -285,6 +285,27 @@ class Registry:
                 self._downloads.start()
             return self._downloads
 
+    def pull(self, repo: str, quant: str | None = None, file: str | None = None) -> list[Download]:
+        """Queue every file of the model `repo[:quant]` or `file` names (the recommended
+        quantization when neither is given)."""
+        from server import hub
+
+        listing = hub.listing(repo, self.budget)
+        try:
+            choice = hub.pick(listing, quant, file)
+        except ValueError as e:
+            raise InvalidRequest(str(e), param="quant" if quant else "file") from e
+        missing = [f for f in choice.files if f not in choice.sha256]
+        if missing:
+            raise InvalidRequest(
+                f"the hub gives no sha256 for {missing[0]}; lmx only installs files it can verify",
+                param="file",
+            )
+        return [
+            self.downloads.add(repo, f, choice.sha256[f], choice.sizes[f], listing["commit"])
+            for f in choice.files
+        ]
+
     def _on_download(self, kind: str, d: Download) -> None:
         if kind == "done":
             self.refresh()  # verified and in place: now it is a model

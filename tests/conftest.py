@@ -13,6 +13,7 @@ from server.discovery import default_model_dir
 from server.registry import Registry
 from server.runner import ServerThread
 from server.settings import Settings
+from tests.hub import FakeHub
 
 TEST_API_KEY = "test-key"
 REAL_HOME = Path.home()  # taken before the session points HOME at a temporary folder
@@ -108,3 +109,29 @@ def copy_of(tmp_path: Path):  # type: ignore[no-untyped-def]
         return dst
 
     return copy
+
+
+HUB_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
+HUB_FILE = "smollm2-135m-instruct-q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def hub(smollm2_path: Path) -> Iterator[FakeHub]:
+    """The hub stand-in, serving the real model; HF_ENDPOINT points at it."""
+    h = FakeHub()
+    h.add(HUB_REPO, HUB_FILE, smollm2_path)
+    h.add(HUB_REPO, "README.md", None, 10)
+    h.add("someone/Big-Model-GGUF", "big-model-Q8_0-00001-of-00002.gguf", None, 40 * 10**9)
+    h.add("someone/Big-Model-GGUF", "big-model-Q8_0-00002-of-00002.gguf", None, 30 * 10**9)
+    h.add("someone/Big-Model-GGUF", "big-model-Q2_K.gguf", None, 2 * 10**9)
+    h.add("someone/Big-Model-GGUF", "big-model-IQ4_XS.gguf", None, 4 * 10**9)
+    h.downloads = {HUB_REPO: 500, "someone/Big-Model-GGUF": 90}
+    h.start()
+    old = os.environ.get("HF_ENDPOINT")
+    os.environ["HF_ENDPOINT"] = h.url
+    yield h
+    h.stop()
+    if old is None:
+        os.environ.pop("HF_ENDPOINT", None)
+    else:
+        os.environ["HF_ENDPOINT"] = old

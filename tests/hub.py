@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,6 +31,7 @@ class FakeHub:
     cut_after: int | None = None  # the next GET stops after this many bytes
     corrupt: bool = False  # flip a byte in every GET
     ranges: list[int] = field(default_factory=list)  # the start offset of every GET
+    delay: float = 0.0  # seconds slept per 64 KiB sent: a slow link
     server: ThreadingHTTPServer | None = None
 
     def add(self, repo: str, name: str, path: Path | None, size: int = 0) -> None:
@@ -176,6 +178,8 @@ class FakeHub:
                             return
                         self.wfile.write(chunk)
                         sent += len(chunk)
+                        if hub.delay:
+                            time.sleep(hub.delay)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

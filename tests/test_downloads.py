@@ -26,27 +26,6 @@ REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
 FILE = "smollm2-135m-instruct-q4_1.gguf"
 
 
-@pytest.fixture(scope="module")
-def hub(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
-    h = FakeHub()
-    h.add(REPO, FILE, smollm2_path)
-    h.add(REPO, "README.md", None, 10)
-    h.add("someone/Big-Model-GGUF", "big-model-Q8_0-00001-of-00002.gguf", None, 40 * 10**9)
-    h.add("someone/Big-Model-GGUF", "big-model-Q8_0-00002-of-00002.gguf", None, 30 * 10**9)
-    h.add("someone/Big-Model-GGUF", "big-model-Q2_K.gguf", None, 2 * 10**9)
-    h.add("someone/Big-Model-GGUF", "big-model-IQ4_XS.gguf", None, 4 * 10**9)
-    h.downloads = {REPO: 500, "someone/Big-Model-GGUF": 90}
-    h.start()
-    old = os.environ.get("HF_ENDPOINT")
-    os.environ["HF_ENDPOINT"] = h.url
-    yield h
-    h.stop()
-    if old is None:
-        os.environ.pop("HF_ENDPOINT", None)
-    else:
-        os.environ["HF_ENDPOINT"] = old
-
-
 def test_search_and_listing(hub: FakeHub) -> None:
     assert [r["id"] for r in search("gguf")] == [REPO, "someone/Big-Model-GGUF"]
     assert [r["id"] for r in search("smollm2")] == [REPO]

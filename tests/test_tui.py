@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -222,6 +223,41 @@ async def test_help_and_command_palette(registry: Registry) -> None:
         await pilot.pause(0.3)
         await pilot.press("enter")
         await until(pilot, lambda: registry.get_loaded(MODEL) is not None)
+
+
+async def test_hub_pull_shows_progress_and_can_be_cancelled(
+    hub: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    reg = Registry(make_settings(include_hf_cache=True, hf_cache_dir=tmp_path / "hub"))
+    hub.delay = 0.004  # a slow link: the download is still running when we cancel it
+    app = LmxApp(reg, system_sampler=frozen_system())
+    try:
+        async with app.run_test(size=(120, 34)) as pilot:
+            await pilot.press("f6", *"smollm2", "enter")
+            await until(pilot, lambda: app.query_one("#hub-repos", DataTable).row_count == 1)
+            await pilot.press("enter")
+            await until(pilot, lambda: app.query_one("#hub-files", DataTable).row_count == 1)
+            await pilot.press("enter")  # pull the selected file
+            await pilot.press("f7")
+            await until(
+                pilot,
+                lambda: (
+                    bool(table_rows(app, "#downloads-table"))
+                    and table_rows(app, "#downloads-table")[0][1] == "running"
+                    and not table_rows(app, "#downloads-table")[0][2].endswith(" 0%")
+                ),
+            )
+            row = table_rows(app, "#downloads-table")[0]
+            assert row[0] == "smollm2-135m-instruct-q4_1.gguf" and "█" in row[2]
+            await pilot.press("c")
+            await until(pilot, lambda: table_rows(app, "#downloads-table")[0][1] == "cancelled")
+        await asyncio.sleep(0.5)
+        assert not list((tmp_path / "hub").rglob("*.lmx-partial"))
+    finally:
+        hub.delay = 0.0
+        reg.downloads.close()
+        reg.close()
 
 
 # ----- snapshots (frozen data; Textual is pinned exactly) --------------------------------------

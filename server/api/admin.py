@@ -21,7 +21,7 @@ from prometheus_client.core import (
 from server import hub
 from server.discovery import ModelInfo
 from server.downloads import Download
-from server.errors import InvalidRequest, LmxError
+from server.errors import LmxError, NotFound
 from server.memory import process_rss
 from server.registry import Registry, RegistryEvent
 from server.telemetry import RequestRecord, SystemSampler
@@ -161,7 +161,7 @@ class AdminController(Controller):
     async def hub_files(
         self, registry: NamedDependency[Registry], org: FromPath[str], name: FromPath[str]
     ) -> dict[str, Any]:
-        listing = await asyncio.to_thread(_listing, f"{org}/{name}", registry.budget)
+        listing = await asyncio.to_thread(hub.listing, f"{org}/{name}", registry.budget)
         listing.pop("_choices")
         return listing
 
@@ -169,7 +169,7 @@ class AdminController(Controller):
     async def add_download(
         self, registry: NamedDependency[Registry], data: JSONBody[DownloadBody]
     ) -> dict[str, Any]:
-        jobs = await asyncio.to_thread(enqueue, registry, data.repo, data.quant, data.file)
+        jobs = await asyncio.to_thread(registry.pull, data.repo, data.quant, data.file)
         return {"downloads": [j.as_dict() for j in jobs]}
 
     @get("/downloads")
@@ -250,45 +250,11 @@ class DownloadBody(msgspec.Struct, kw_only=True):
     file: str | None = None
 
 
-def _listing(repo: str, budget: int) -> dict[str, Any]:
-    if repo.count("/") != 1:
-        raise InvalidRequest(f"'{repo}' is not a repository id (ORG/NAME)", param="repo")
-    try:
-        return hub.repo_files(repo, budget)
-    except LookupError as e:
-        raise NotFound(str(e), param="repo") from e
-
-
-def enqueue(registry: Registry, repo: str, quant: str | None, file: str | None) -> list[Download]:
-    """Queue every file of the model a `repo[:quant]` or `file` names."""
-    listing = _listing(repo, registry.budget)
-    try:
-        choice = hub.pick(listing, quant, file)
-    except ValueError as e:
-        raise InvalidRequest(str(e), param="quant" if quant else "file") from e
-    missing = [f for f in choice.files if f not in choice.sha256]
-    if missing:
-        raise InvalidRequest(
-            f"the hub gives no sha256 for {missing[0]}; lmx only installs files it can verify",
-            param="file",
-        )
-    sizes = {f: choice.size // len(choice.files) for f in choice.files}
-    return [
-        registry.downloads.add(repo, f, choice.sha256[f], sizes[f], listing["commit"])
-        for f in choice.files
-    ]
-
-
 def _job(registry: Registry, job_id: str, action: Any) -> Download:
     try:
         return action(job_id)  # type: ignore[no-any-return]
     except KeyError as e:
         raise NotFound(f"no download {job_id!r}", param="id") from e
-
-
-class NotFound(LmxError):
-    status = 404
-    code = "not_found"
 
 
 # ----- Prometheus ----------------------------------------------------------------------------

@@ -424,8 +424,6 @@ class OllamaController(Controller):
 
     @post("/pull", status_code=200)
     async def pull(self, registry: NamedDependency[Registry], data: JSONBody[PullBody]) -> Any:
-        from server.api.admin import enqueue
-
         name = data.model or data.name or ""
         repo, _, quant = name.removeprefix("hf.co/").removeprefix("huggingface.co/").partition(":")
         if not name.startswith(("hf.co/", "huggingface.co/")) or repo.count("/") != 1:
@@ -433,7 +431,7 @@ class OllamaController(Controller):
                 f"lmx pulls GGUF repositories from the Hugging Face hub: use "
                 f"hf.co/ORG/REPO[:QUANT], not {name!r}"
             )
-        jobs = await asyncio.to_thread(enqueue, registry, repo, quant or None, None)
+        jobs = await asyncio.to_thread(registry.pull, repo, quant or None, None)
         if not data.stream:
             for j in jobs:
                 await asyncio.to_thread(registry.downloads.wait, j.id)
