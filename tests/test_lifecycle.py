@@ -239,10 +239,12 @@ def test_admin_models_estimate_load_unload(admin: tuple[ServerThread, Registry])
 def test_admin_events_stream(admin: tuple[ServerThread, Registry]) -> None:
     srv, reg = admin
     seen: list[str] = []
+    connected = threading.Event()
 
     def listen() -> None:
         with httpx.stream("GET", srv.url + "/admin/events", timeout=30) as r:
             for line in r.iter_lines():
+                connected.set()  # the stream opens with a comment line
                 if line.startswith("event: "):
                     seen.append(line[7:])
                     if line == "event: unloaded":

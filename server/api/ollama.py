@@ -133,15 +133,14 @@ def _tag(info: ModelInfo) -> dict[str, Any]:
 
 def _sampling(o: Options | None) -> SamplingParams:
     o = o or Options()
-    d = SamplingParams()
-    return SamplingParams(
-        temperature=d.temperature if o.temperature is None else o.temperature,
-        top_p=d.top_p if o.top_p is None else o.top_p,
-        top_k=d.top_k if o.top_k is None else o.top_k,
-        min_p=d.min_p if o.min_p is None else o.min_p,
-        repeat_penalty=d.repeat_penalty if o.repeat_penalty is None else o.repeat_penalty,
-        presence_penalty=o.presence_penalty or 0.0,
-        frequency_penalty=o.frequency_penalty or 0.0,
+    return SamplingParams.merged(
+        temperature=o.temperature,
+        top_p=o.top_p,
+        top_k=o.top_k,
+        min_p=o.min_p,
+        repeat_penalty=o.repeat_penalty,
+        presence_penalty=o.presence_penalty,
+        frequency_penalty=o.frequency_penalty,
         seed=o.seed,
     )
 

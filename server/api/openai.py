@@ -108,18 +108,17 @@ def _grammar(rf: ResponseFormat | None) -> str | None:
 
 
 def _sampling(body: SamplingFields, index: int) -> SamplingParams:
-    d = SamplingParams()
     seed = body.seed
     if seed is not None and index:
         seed += index  # n choices with one seed must still differ, reproducibly
-    return SamplingParams(
-        temperature=d.temperature if body.temperature is None else body.temperature,
-        top_p=d.top_p if body.top_p is None else body.top_p,
-        top_k=d.top_k if body.top_k is None else body.top_k,
-        min_p=d.min_p if body.min_p is None else body.min_p,
-        repeat_penalty=d.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
-        presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
+    return SamplingParams.merged(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        repeat_penalty=body.repeat_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
         seed=seed,
     )
 

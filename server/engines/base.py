@@ -24,6 +24,11 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
 
+    @classmethod
+    def merged(cls, **given: Any) -> SamplingParams:
+        """The defaults, overridden by every value a request gave (None: not given)."""
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
 
 @dataclass
 class GenerationRequest:
