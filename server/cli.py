@@ -178,10 +178,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             cmd_ls(settings, as_json=args.json, with_estimate=args.estimate)
         elif args.command == "run":
             cmd_run(settings, args)
-        elif args.command == "search":
-            cmd_search(settings, args)
-        elif args.command == "pull":
-            cmd_pull(settings, args)
+        elif args.command in ("search", "pull"):
+            # huggingface_hub retries a dropped connection and says so on stderr; lmx keeps the
+            # retries and reports the outcome itself, in one line.
+            from huggingface_hub.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            (cmd_search if args.command == "search" else cmd_pull)(settings, args)
         elif args.command == "rm":
             cmd_rm(settings, args.model)
         elif args.no_ui:

@@ -213,3 +213,50 @@ def test_ollama_pull_and_delete(hub: FakeHub, served: tuple[Any, Registry]) -> N
     with pytest.raises(ollama.ResponseError) as e:
         client.pull("llama3")
     assert e.value.status_code == 501 and "hf.co/ORG/REPO" in e.value.error
+
+
+def test_no_network_is_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening: the hub is unreachable
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env_hub = f"http://127.0.0.1:{port}"
+    for args in (["search", "llama"], ["pull", f"{REPO}:Q4_1"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "server.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={
+                **os.environ,
+                "HF_ENDPOINT": env_hub,
+                "HF_HOME": str(tmp_path / "hf"),
+                "XDG_STATE_HOME": str(tmp_path / "state"),
+            },
+        )
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("lmx: error:"), r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_a_file_larger_than_the_free_disk_is_refused(
+    hub: FakeHub, tmp_path: Path, smollm2_path: Path
+) -> None:
+    hub.add("someone/Huge-GGUF", "huge-Q4_0.gguf", smollm2_path)
+    hub.repos["someone/Huge-GGUF"]["huge-Q4_0.gguf"].size = 10**15  # the hub says 1 PB
+    q = queue_for(tmp_path)
+    try:
+        listing = repo_files("someone/Huge-GGUF", budget=10**18)
+        choice = pick(listing, "q4_0", None)
+        f = choice.files[0]
+        d = q.wait(
+            q.add("someone/Huge-GGUF", f, choice.sha256[f], choice.sizes[f], listing["commit"]).id,
+            60,
+        )
+        assert d.state == "failed" and "not enough disk space" in (d.error or "")
+        assert not list((tmp_path / "hub").rglob("*.lmx-partial"))
+        assert scan_hf_cache(tmp_path / "hub") == []
+    finally:
+        q.close()
