@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             # retries and reports the outcome itself, in one line.
             from huggingface_hub.utils import logging as hf_logging
 
-            hf_logging.set_verbosity_error()
+            hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
             (cmd_search if args.command == "search" else cmd_pull)(settings, args)
         elif args.command == "rm":
             cmd_rm(settings, args.model)

@@ -70,11 +70,15 @@ class DownloadQueue:
         *,
         concurrency: int = 2,
         on_event: Callable[[str, Download], None] | None = None,
+        on_installed: Callable[[Download], None] | None = None,
     ) -> None:
         self.cache_dir = cache_dir
         self.state_file = state_file
         self.concurrency = concurrency
         self.on_event = on_event or (lambda kind, d: None)
+        # Called once the file is in place and before the job says "done", so that whoever
+        # sees "done" also finds the model.
+        self.on_installed = on_installed or (lambda d: None)
         self._jobs: dict[str, Download] = {}
         self._cond = threading.Condition()
         self._stopping = False
@@ -269,6 +273,7 @@ class DownloadQueue:
         refs.parent.mkdir(parents=True, exist_ok=True)
         refs.write_text(d.commit)
         d.done = d.size
+        self.on_installed(d)
         self._set(d, "done")
 
     def _stream(self, d: Download, partial: Path) -> bool:

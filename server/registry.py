@@ -281,6 +281,7 @@ class Registry:
                     state_dir() / "downloads.json",
                     concurrency=self.settings.download_concurrency,
                     on_event=self._on_download,
+                    on_installed=self._on_installed,
                 )
                 self._downloads.start()
             return self._downloads
@@ -306,9 +307,10 @@ class Registry:
             for f in choice.files
         ]
 
+    def _on_installed(self, d: Download) -> None:
+        self.refresh()  # verified and in place: a model before anyone sees the job as done
+
     def _on_download(self, kind: str, d: Download) -> None:
-        if kind == "done":
-            self.refresh()  # verified and in place: now it is a model
         self._publish(RegistryEvent(f"download_{kind}", d.filename, detail=d.as_dict()))
 
     def remove(self, name: str) -> Path:
