@@ -279,3 +279,11 @@ def test_full_queue_is_429_with_retry_after(tight_server: tuple[ServerThread, Re
         srv.url + "/v1/chat/completions", json={**_long_body(4), "stream": False}, timeout=60
     )
     assert ok.status_code == 200
+
+
+def test_a_character_cut_by_the_limit_is_not_sent_as_garbage(engine: LlamaCppEngine) -> None:
+    prompt = chat(engine, ("user", "Reply with only emoji: 🌍🌟🎉🚀🌈"))
+    for n in range(1, 12):
+        text, fin = collect(engine, GenerationRequest(prompt, n, SamplingParams(temperature=0)))
+        assert "\ufffd" not in text, (n, text)
+        assert fin.completion_tokens <= n

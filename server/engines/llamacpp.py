@@ -616,9 +616,10 @@ class LlamaCppEngine:
         assert job is not None
         slot.job = None
         slot.last_used = time.perf_counter()
-        tail = job.text_held + (job.decoder.decode(b"", final=True) if job.decoder else "")
-        if tail and reason in ("length", "cancelled"):
-            job.gen.emit(TokenText(tail))
+        # Text held back as a possible stop string is real text; bytes of a character cut in
+        # half by the limit are not, and are dropped rather than sent as U+FFFD.
+        if job.text_held and reason in ("length", "cancelled"):
+            job.gen.emit(TokenText(job.text_held))
         llama_cpp.llama_sampler_free(job.sampler)
         if job.pending:  # cancelled mid-prefill: drop the partial prompt from the cache
             keep = len(slot.tokens)
