@@ -56,26 +56,73 @@ class SystemSnapshot:
 
 RecordListener = Callable[[RequestRecord], None]
 
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+@dataclass
+class Histogram:
+    """Cumulative bucket counts (Prometheus semantics: they never go down)."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    n: int = 0
+
+    def observe(self, value: float) -> None:
+        if not self.counts:
+            self.counts = [0] * len(self.bounds)
+        for i, b in enumerate(self.bounds):
+            if value <= b:
+                self.counts[i] += 1
+        self.total += value
+        self.n += 1
+
+
+@dataclass
+class ModelTotals:
+    """Running totals for one model since lmx started."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+
 
 class RequestLog:
-    """Recent API requests (bounded) and running totals. Thread-safe."""
+    """Recent API requests (bounded, for the TUI) and running totals since start (unbounded
+    in time, for /metrics: a counter must never fall when old records roll off). Thread-safe."""
 
     def __init__(self, maxlen: int = 500) -> None:
         self._records: deque[RequestRecord] = deque(maxlen=maxlen)
         self._lock = threading.Lock()
         self._listeners: list[RecordListener] = []
-        self.total = 0
-        self.by_status: dict[int, int] = {}
+        self._counts: dict[tuple[str, int], int] = {}
+        self._models: dict[str, ModelTotals] = {}
 
     def record(self, rec: RequestRecord) -> None:
         with self._lock:
             self._records.append(rec)
-            self.total += 1
-            self.by_status[rec.status] = self.by_status.get(rec.status, 0) + 1
+            key = (rec.model or "", rec.status)
+            self._counts[key] = self._counts.get(key, 0) + 1
+            if rec.model:
+                t = self._models.setdefault(rec.model, ModelTotals())
+                t.prompt_tokens += rec.prompt_tokens
+                t.cached_tokens += rec.cached_tokens
+                if rec.ttft_ms is not None:
+                    t.ttft.observe(rec.ttft_ms / 1000)
+                t.latency.observe(rec.latency_ms / 1000)
             listeners = list(self._listeners)
         for fn in listeners:
             with contextlib.suppress(Exception):
                 fn(rec)
+
+    def totals(self) -> tuple[dict[tuple[str, int], int], dict[str, ModelTotals]]:
+        """Requests by (model, status) and per-model totals, copied under the lock."""
+        import copy
+
+        with self._lock:
+            return dict(self._counts), copy.deepcopy(self._models)
 
     def recent(self, n: int = 100) -> list[RequestRecord]:
         with self._lock:

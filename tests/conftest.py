@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from server.discovery import default_model_dir
@@ -135,3 +138,41 @@ def hub(smollm2_path: Path) -> Iterator[FakeHub]:
         os.environ.pop("HF_ENDPOINT", None)
     else:
         os.environ["HF_ENDPOINT"] = old
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 20) -> None:
+    """Poll until `cond` holds (never a fixed sleep); fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+class BackgroundStream:
+    """A long streaming chat request running in a thread; `lines` fills as chunks arrive."""
+
+    def __init__(self, url: str, model: str, max_tokens: int) -> None:
+        self.lines: list[str] = []
+        self.started = threading.Event()
+        body = {
+            "model": model,
+            "stream": True,
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Write a long story."}],
+        }
+
+        def run() -> None:
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line:
+                        self.lines.append(line)
+                        self.started.set()
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+        assert self.started.wait(60), "the stream did not start"
+
+    def finish(self) -> list[str]:
+        self.thread.join(120)
+        return self.lines

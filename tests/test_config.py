@@ -18,7 +18,7 @@ from server.errors import ModelsBusy
 from server.registry import Registry, RegistryEvent
 from server.runner import ServerThread
 from server.settings import ConfigError, Settings
-from tests.conftest import make_settings
+from tests.conftest import BackgroundStream, make_settings, wait_for
 
 SMOL = "smollm2-135m-instruct.q4_1"
 
@@ -37,13 +37,6 @@ def configured(tmp_path: Path, models_dir: Path, toml: str, **kw: Any) -> Regist
     s = make_settings(model_dirs=[models_dir], ctx=1024, parallel=2, **kw)
     s.apply_file(cfg)
     return Registry(s)
-
-
-def wait_for(cond: Any, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
 
 
 def test_aliases(tmp_path: Path, models_dir: Path) -> None:
@@ -153,29 +146,7 @@ def test_reload_on_file_change_keeps_requests_and_rejects_bad_files(
     reg.watch_config(interval=0.1)
     try:
         with ServerThread(reg, reg.settings) as srv:
-            body = {
-                "model": "fast",
-                "stream": True,
-                "max_tokens": 200,
-                "ignore_eos": True,
-                "messages": [{"role": "user", "content": "A long story."}],
-            }
-            lines: list[str] = []
-            started = threading.Event()
-
-            def streaming() -> None:
-                with httpx.stream(
-                    "POST", srv.url + "/v1/chat/completions", json=body, timeout=120
-                ) as r:
-                    for line in r.iter_lines():
-                        if line:
-                            lines.append(line)
-                            started.set()
-
-            t = threading.Thread(target=streaming)
-            t.start()
-            assert started.wait(60)
-            time.sleep(0.2)
+            stream = BackgroundStream(srv.url, "fast", 200)
             cfg.write_text(f'[aliases]\nfast = "{SMOL}"\nquick = "gemma"\n')
             wait_for(lambda: any(e.kind == "config_reloaded" for e in events), 10)
             assert reg.resolve("quick").id == "gemma"
@@ -184,7 +155,7 @@ def test_reload_on_file_change_keeps_requests_and_rejects_bad_files(
             err = next(e for e in events if e.kind == "config_error").detail["error"]
             assert "line 1" in err
             assert reg.resolve("quick").id == "gemma"  # the old config stays
-            t.join(120)
+            lines = stream.finish()
             assert lines[-1] == "data: [DONE]"
             assert any('"finish_reason":"length"' in line for line in lines)
     finally:

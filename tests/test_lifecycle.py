@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server.errors import ModelTooLarge
 from server.registry import Registry, RegistryEvent
 from server.runner import ServerThread
-from tests.conftest import make_settings
+from tests.conftest import BackgroundStream, make_settings, wait_for
 
 SMOL = "smollm2-135m-instruct.q4_1"
 
@@ -29,13 +29,6 @@ def models_dir(
     (d / "gemma.gguf").symlink_to(gemma_path.resolve())
     shutil.copyfile(smollm2_path, d / "smol-copy.gguf")  # a third, distinct file
     return d
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def make(models_dir: Path, **kw: Any) -> Registry:
@@ -85,28 +78,7 @@ def test_a_streaming_model_is_never_evicted(models_dir: Path) -> None:
     reg = make(models_dir, max_memory=budget, load_timeout=1.0)
     try:
         with ServerThread(reg, reg.settings) as srv:
-            body = {
-                "model": SMOL,
-                "stream": True,
-                "max_tokens": 300,
-                "ignore_eos": True,
-                "messages": [{"role": "user", "content": "Write a long story."}],
-            }
-            chunks: list[str] = []
-            started = threading.Event()
-
-            def slow_stream() -> None:
-                with httpx.stream(
-                    "POST", srv.url + "/v1/chat/completions", json=body, timeout=120
-                ) as r:
-                    for line in r.iter_lines():
-                        if line:
-                            chunks.append(line)
-                            started.set()
-
-            t = threading.Thread(target=slow_stream)
-            t.start()
-            assert started.wait(60)
+            stream = BackgroundStream(srv.url, SMOL, 300)
             r = httpx.post(
                 srv.url + "/v1/chat/completions",
                 timeout=60,
@@ -117,7 +89,7 @@ def test_a_streaming_model_is_never_evicted(models_dir: Path) -> None:
                 },
             )
             assert r.status_code == 503 and r.json()["error"]["code"] == "models_busy"
-            t.join(120)
+            chunks = stream.finish()
             assert any('"finish_reason":"length"' in c for c in chunks)  # not cut
             assert chunks[-1] == "data: [DONE]"
             r = httpx.post(
@@ -252,7 +224,7 @@ def test_admin_events_stream(admin: tuple[ServerThread, Registry]) -> None:
 
     t = threading.Thread(target=listen)
     t.start()
-    time.sleep(0.5)
+    assert connected.wait(10)
     httpx.post(
         srv.url + "/v1/completions",
         timeout=60,

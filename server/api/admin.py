@@ -259,9 +259,6 @@ def _job(registry: Registry, job_id: str, action: Any) -> Download:
 
 # ----- Prometheus ----------------------------------------------------------------------------
 
-TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-
 
 class MetricsCollector:
     """Reads the registry and the request log at scrape time; nothing is counted twice."""
@@ -272,32 +269,31 @@ class MetricsCollector:
 
     def collect(self) -> Any:
         reg = self.registry
-        records = reg.requests.recent(10**9)
+        counts, per = reg.requests.totals()
         requests = CounterMetricFamily(
             "lmx_requests", "API requests by model and status", labels=["model", "status"]
         )
-        counts: dict[tuple[str, str], int] = {}
-        for r in records:
-            key = (r.model or "", str(r.status))
-            counts[key] = counts.get(key, 0) + 1
         for (m, status), n in sorted(counts.items()):
-            requests.add_metric([m, status], n)
+            requests.add_metric([m, str(status)], n)
         yield requests
-
         prompt = CounterMetricFamily("lmx_prompt_tokens", "Prompt tokens", labels=["model"])
         cached = CounterMetricFamily(
             "lmx_cached_prompt_tokens", "Prompt tokens reused from the cache", labels=["model"]
         )
-        per: dict[str, list[RequestRecord]] = {}
-        for r in records:
-            if r.model:
-                per.setdefault(r.model, []).append(r)
-        for m, rs in sorted(per.items()):
-            prompt.add_metric([m], sum(r.prompt_tokens for r in rs))
-            cached.add_metric([m], sum(r.cached_tokens for r in rs))
-        yield prompt
-        yield cached
-        yield from self._histograms(per)
+        ttft = HistogramMetricFamily(
+            "lmx_time_to_first_token_seconds", "Time to first token", labels=["model"]
+        )
+        latency = HistogramMetricFamily(
+            "lmx_request_duration_seconds", "Request latency", labels=["model"]
+        )
+        for m, t in sorted(per.items()):
+            prompt.add_metric([m], t.prompt_tokens)
+            cached.add_metric([m], t.cached_tokens)
+            for fam, h in ((ttft, t.ttft), (latency, t.latency)):
+                counts_ = h.counts or [0] * len(h.bounds)
+                buckets = [(str(b), c) for b, c in zip(h.bounds, counts_, strict=True)]
+                fam.add_metric([m], [*buckets, ("+Inf", h.n)], h.total)
+        yield from (prompt, cached, ttft, latency)
 
         generated = CounterMetricFamily(
             "lmx_generated_tokens", "Tokens generated", labels=["model"]
@@ -336,25 +332,6 @@ class MetricsCollector:
                 total.add_metric([str(g.index), g.name], g.memory_total)
             yield used
             yield total
-
-    @staticmethod
-    def _histograms(per: dict[str, list[RequestRecord]]) -> Any:
-        ttft = HistogramMetricFamily(
-            "lmx_time_to_first_token_seconds", "Time to first token", labels=["model"]
-        )
-        latency = HistogramMetricFamily(
-            "lmx_request_duration_seconds", "Request latency", labels=["model"]
-        )
-        for m, rs in sorted(per.items()):
-            for fam, values, bounds in (
-                (ttft, [r.ttft_ms / 1000 for r in rs if r.ttft_ms is not None], TTFT_BUCKETS),
-                (latency, [r.latency_ms / 1000 for r in rs], LATENCY_BUCKETS),
-            ):
-                buckets = [(str(b), sum(1 for v in values if v <= b)) for b in bounds]
-                buckets.append(("+Inf", len(values)))
-                fam.add_metric([m], buckets, sum(values))
-        yield ttft
-        yield latency
 
 
 def metrics_handler(registry: Registry) -> Any:
