@@ -42,6 +42,7 @@ class ModelInfo:
     header: GGUFHeader | None = None
     error: str | None = None
     aliases: list[str] = field(default_factory=list)
+    format: str = "gguf"  # which engine runs it: gguf (llama.cpp), mlx, upstream
 
     @property
     def usable(self) -> bool:
@@ -73,6 +74,7 @@ class ModelInfo:
             "id": self.id,
             "path": str(self.path),
             "source": self.source,
+            "format": self.format,
             "size_bytes": self.size_bytes,
             "usable": self.usable,
             "error": self.error,

@@ -13,7 +13,8 @@ from typing import Any
 
 from server.discovery import ModelInfo, discover, resolve_name
 from server.downloads import Download, DownloadQueue
-from server.engines.llamacpp import EngineOptions, LlamaCppEngine
+from server.engines.base import EngineOptions
+from server.engines.llamacpp import LlamaCppEngine
 from server.errors import (
     EngineFailure,
     InvalidRequest,

@@ -13,7 +13,8 @@ import jsonschema
 import pytest
 
 from server.engines.base import GenerationRequest, SamplingParams, collect
-from server.engines.llamacpp import LlamaCppEngine, json_grammar
+from server.engines.llamacpp import LlamaCppEngine
+from server.grammar import json_grammar
 from server.registry import Registry
 from server.runner import ServerThread
 from tests.conftest import make_settings

@@ -19,8 +19,8 @@ from server import __version__
 from server.api.openai import keep_alive_value, log_request
 from server.discovery import ModelInfo
 from server.engines.base import Finished, GenerationRequest, SamplingParams, TokenText, stream
-from server.engines.llamacpp import json_grammar
 from server.errors import ContextOverflow, EngineFailure, InvalidRequest, LmxError
+from server.grammar import json_grammar
 from server.registry import LoadedModel, Registry
 
 NDJSON = "application/x-ndjson"

@@ -26,8 +26,9 @@ from server.api.schemas import (
 )
 from server.discovery import ModelInfo
 from server.engines.base import Finished, GenerationRequest, SamplingParams, TokenText, stream
-from server.engines.llamacpp import LlamaCppEngine, json_grammar
+from server.engines.llamacpp import LlamaCppEngine
 from server.errors import ContextOverflow, EngineFailure, InvalidRequest
+from server.grammar import json_grammar
 from server.registry import LoadedModel, Registry
 from server.settings import PresetConfig, parse_duration
 from server.telemetry import RequestRecord

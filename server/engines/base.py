@@ -8,7 +8,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from server.discovery import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -110,25 +113,76 @@ class Generation:
             self._sink(event)
 
 
+@dataclass
+class EngineOptions:
+    """How to load one model (any engine; each reads the fields that apply to it)."""
+
+    n_ctx: int = 4096  # per slot
+    parallel: int = 4
+    threads: int = 0  # 0: all physical cores
+    gpu_layers: int = -1
+    max_queue: int = 64
+    n_batch: int = 512
+    chat_template: str | None = None
+
+
 class Engine(Protocol):
-    """One loaded model."""
+    """One loaded model, whatever runs it (llama.cpp, MLX, an upstream server).
+
+    Nothing above `server/engines/` names a concrete engine: the scheduler gets engines from
+    `server.engines.create_engine` (or a factory a test injects) and speaks only this.
+    """
+
+    info: ModelInfo
+    # Set by the scheduler: called once, from the engine's own thread, if it dies.
+    on_failure: Callable[[str], None] | None
+
+    def load(self) -> None:
+        """Load weights (blocking; called from a worker thread)."""
+        ...
+
+    def close(self) -> None:
+        """Cancel everything and free the model's memory."""
+        ...
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine can no longer serve (its decode loop died)."""
+        ...
 
     @property
     def context_length(self) -> int: ...
 
-    def format_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    def render_chat(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The prompt text the model's chat template makes of `messages` (and `tools`, in
+        OpenAI's `{"type": "function", "function": {...}}` shape, for templates that take them)."""
+        ...
 
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]: ...
+    def format_chat(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """`render_chat`, tokenized as the model expects (BOS handled)."""
+        ...
 
-    def submit(self, request: GenerationRequest, sink: Sink) -> Generation: ...
+    def tokenize(
+        self, text: str, *, add_special: bool = True, special: bool = True
+    ) -> list[int]: ...
+
+    def detokenize(self, tokens: list[int]) -> str: ...
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> Generation:
+        """Queue a request; events go to `sink` from the engine's thread."""
+        ...
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]: ...
 
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> dict[str, Any]:
+        """slots, slots_busy, queue_depth, requests_total, tokens_generated, finished."""
+        ...
 
     def cancel_all(self) -> None: ...
-
-    def close(self) -> None: ...
 
 
 async def stream(

@@ -17,15 +17,16 @@ import random
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from server.discovery import ModelInfo
 from server.engines.base import (
+    EngineOptions,
     Finished,
     Generation,
     GenerationRequest,
@@ -79,31 +80,6 @@ def _quiet_logger(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # llama.cpp's errors go to our log; its chatter only when LMX_LLAMA_LOG is set.
     if level == _GGML_LOG_ERROR or os.environ.get("LMX_LLAMA_LOG"):
         log.warning("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
-
-
-def json_grammar(schema: dict[str, Any] | None) -> str:
-    """GBNF for `response_format`: any JSON object, or one matching `schema`."""
-    if schema is None:
-        return JSON_GBNF
-    import json
-
-    try:
-        return str(json_schema_to_gbnf(json.dumps(schema)))
-    except Exception as e:  # the converter raises plain exceptions on schemas it cannot map
-        raise InvalidRequest(f"Unsupported JSON schema: {e}", param="response_format") from e
-
-
-@dataclass
-class EngineOptions:
-    """How to load one model."""
-
-    n_ctx: int = 4096  # per slot
-    parallel: int = 4
-    threads: int = 0  # 0: all physical cores
-    gpu_layers: int = -1
-    max_queue: int = 64
-    n_batch: int = 512
-    chat_template: str | None = None
 
 
 @dataclass
@@ -160,6 +136,8 @@ class LlamaCppEngine:
         self.finished: Counter[str] = Counter()  # by reason, for metrics and tests
         self.steps = 0
         self.last_timings: Timings | None = None
+        self.failure: str | None = None  # why the decode loop died
+        self.on_failure: Callable[[str], None] | None = None  # told once, from that thread
 
     # ----- loading -------------------------------------------------------------------------
 
@@ -276,18 +254,22 @@ class LlamaCppEngine:
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self._piece(t) for t in tokens).decode("utf-8", "replace")
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+    ) -> str:
         if self._formatter is None:
             return self._apply_builtin(messages)
         try:
-            return self._formatter(messages=messages).prompt  # type: ignore[arg-type]
+            return self._formatter(messages=messages, tools=tools).prompt  # type: ignore[arg-type]
         except Exception as e:  # template errors (raise_exception, jinja) are the caller's
             raise InvalidRequest(
                 f"The chat template rejected the messages: {e}", param="messages"
             ) from e
 
-    def format_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        prompt = self.render_chat(messages)
+    def format_chat(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        prompt = self.render_chat(messages, tools=tools)
         # Templates that write the BOS text themselves must not get a second one.
         add_special = not (self._bos_text and prompt.startswith(self._bos_text))
         return self.tokenize(prompt, add_special=add_special, special=True)
@@ -393,6 +375,11 @@ class LlamaCppEngine:
         self.cancel_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
+            if self._thread.is_alive():
+                # Freeing the context under a thread still inside llama_decode would crash the
+                # process; leaking one model's memory is the lesser harm.
+                log.error("decode thread of %s did not stop; its memory is not freed", self.info.id)
+                return
             self._thread = None
         with self._embed_lock:
             if self._embed_ctx:
@@ -427,7 +414,15 @@ class LlamaCppEngine:
                 self._step()
         except Exception as e:  # never leave a client waiting on a dead thread
             log.exception("decode loop of %s failed", self.info.id)
-            self._fail_all(f"engine failure: {e}")
+            self.failure = f"engine failure: {e}"
+            self._fail_all(self.failure)
+            if self.on_failure is not None:
+                self.on_failure(self.failure)
+
+    @property
+    def alive(self) -> bool:
+        """False once the decode loop has died: the model must be unloaded and loaded again."""
+        return self.failure is None
 
     def _finish_unstarted(self, job: _Job) -> None:
         llama_cpp.llama_sampler_free(job.sampler)
@@ -616,9 +611,10 @@ class LlamaCppEngine:
         assert job is not None
         slot.job = None
         slot.last_used = time.perf_counter()
-        # Text held back as a possible stop string is real text; bytes of a character cut in
-        # half by the limit are not, and are dropped rather than sent as U+FFFD.
-        if job.text_held and reason in ("length", "cancelled"):
+        # Text held back as a possible stop string is real text (a matched stop string has
+        # already cleared it), whatever ended the request; bytes of a character cut in half by
+        # the limit are not, and are dropped rather than sent as U+FFFD.
+        if job.text_held and reason != "error":
             job.gen.emit(TokenText(job.text_held))
         llama_cpp.llama_sampler_free(job.sampler)
         if job.pending:  # cancelled mid-prefill: drop the partial prompt from the cache
