@@ -65,6 +65,33 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="most models loaded at once (default: no limit but memory)",
     )
     p.add_argument(
+        "--cache-type-k",
+        choices=["f16", "q8_0", "q4_0"],
+        help="KV cache type for keys (default f16; q8_0 halves the KV memory)",
+    )
+    p.add_argument(
+        "--cache-type-v", choices=["f16", "q8_0", "q4_0"], help="KV cache type for values"
+    )
+    p.add_argument(
+        "--prompt-cache-ram",
+        metavar="SIZE",
+        help="RAM for prompt prefixes kept beyond the slots and across model swaps "
+        "(default: 25%% of the budget, at most 4G; 0: off); part of the memory budget",
+    )
+    p.add_argument(
+        "--prompt-cache-disk",
+        metavar="SIZE",
+        help="disk for prompt prefixes spilled from RAM (default 4G; 0: RAM only)",
+    )
+    p.add_argument("--prompt-cache-dir", type=Path, metavar="DIR", help="where spilled prefixes go")
+    p.add_argument(
+        "--batch-invariant",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="temperature-0 text identical alone and batched (default on); off: "
+        "llama-server's ubatch, faster long prefills",
+    )
+    p.add_argument(
         "--keep-alive",
         metavar="DURATION",
         help="unload a model this long after its last request: 5m (default), "
@@ -146,6 +173,10 @@ def load_settings(args: argparse.Namespace) -> Settings:
         "threads",
         "gpu_layers",
         "max_queue",
+        "cache_type_k",
+        "cache_type_v",
+        "batch_invariant",
+        "prompt_cache_dir",
     ):
         v = getattr(args, name, None)
         if v is not None:
@@ -157,6 +188,10 @@ def load_settings(args: argparse.Namespace) -> Settings:
             s.max_memory = parse_memory(args.max_memory)
         if args.keep_alive is not None:
             s.keep_alive = parse_duration(args.keep_alive)
+        if args.prompt_cache_ram is not None:
+            s.prompt_cache_ram = parse_memory(args.prompt_cache_ram)
+        if args.prompt_cache_disk is not None:
+            s.prompt_cache_disk = parse_memory(args.prompt_cache_disk)
     except ValueError as e:
         raise CliError(str(e)) from e
     if args.max_loaded_models is not None:

@@ -15,6 +15,7 @@ from server.discovery import ModelInfo, discover, resolve_name
 from server.downloads import Download, DownloadQueue
 from server.engines.base import EngineOptions
 from server.engines.llamacpp import LlamaCppEngine
+from server.engines.prefix_store import PrefixStore
 from server.errors import (
     EngineFailure,
     InvalidRequest,
@@ -30,6 +31,7 @@ from server.memory import (
     default_budget,
     estimate,
     process_rss,
+    prompt_cache_ram,
 )
 from server.settings import (
     ConfigError,
@@ -37,6 +39,7 @@ from server.settings import (
     Settings,
     hf_cache_dir,
     parse_duration,
+    prompt_cache_dir,
     read_config,
     state_dir,
 )
@@ -99,6 +102,13 @@ class Registry:
         self.budget = settings.max_memory or default_budget()
         self._pins: set[str] = set()
         self._downloads: DownloadQueue | None = None
+        # Prompt prefixes beyond the slots and across unloads, for every model: it uses the
+        # budget that loaded models leave (its cap follows every load and unload).
+        self.prompt_store = PrefixStore(
+            prompt_cache_ram(self.budget, settings.prompt_cache_ram),
+            prompt_cache_dir(settings),
+            settings.prompt_cache_disk,
+        )
         self.refresh()
 
     # ----- catalogue -----------------------------------------------------------------------
@@ -156,6 +166,12 @@ class Registry:
             gpu_layers=(mc.gpu_layers if mc and mc.gpu_layers is not None else s.gpu_layers),
             max_queue=s.max_queue,
             chat_template=mc.chat_template if mc else None,
+            cache_type_k=(mc.cache_type_k if mc and mc.cache_type_k else s.cache_type_k),
+            cache_type_v=(mc.cache_type_v if mc and mc.cache_type_v else s.cache_type_v),
+            batch_invariant=(
+                mc.batch_invariant if mc and mc.batch_invariant is not None else s.batch_invariant
+            ),
+            prefix_store=self.prompt_store,
         )
 
     def ensure_loaded(self, name: str) -> LoadedModel:
@@ -180,6 +196,7 @@ class Registry:
             est = self.estimate_for(info)
             with self._admission:
                 self._make_room(info, est)
+                self._fit_prompt_store(est.total)
                 self._publish(RegistryEvent("loading", info.id, detail=est.as_dict()))
                 t0 = time.perf_counter()
                 rss0 = baseline_rss()
@@ -220,7 +237,14 @@ class Registry:
                 f"The model '{info.id}' cannot be loaded: {info.error}", param="model"
             )
         opts = self.engine_options(info)
-        return estimate(info.header, ctx or opts.n_ctx, parallel or opts.parallel)
+        return estimate(
+            info.header,
+            ctx or opts.n_ctx,
+            parallel or opts.parallel,
+            opts.cache_type_k,
+            opts.cache_type_v,
+            opts.batch_invariant,
+        )
 
     def plan(self, need: int, exclude: str = "") -> tuple[bool, list[str]]:
         """Whether `need` bytes fit now, and the idle models (LRU first) evicted to make room."""
@@ -239,6 +263,11 @@ class Registry:
             count -= 1
         fits = used + need <= self.budget and not (cap and count + 1 > cap)
         return fits, victims
+
+    def _fit_prompt_store(self, loading: int = 0) -> None:
+        """The prompt cache may use what the loaded models (and one `loading`) leave free."""
+        used = sum(lm.estimate.total for lm in self.loaded()) + loading
+        self.prompt_store.set_ram_cap(self.budget - used)
 
     def _make_room(self, info: ModelInfo, est: MemoryEstimate) -> None:
         if est.total > self.budget:
@@ -489,7 +518,8 @@ class Registry:
         if lm is None:
             return False
         lm.state = "unloading"
-        lm.engine.close()
+        lm.engine.close()  # keeps its slots' prefixes in the prompt store
+        self._fit_prompt_store()
         log.info("%s %s", reason, model_id)
         self._publish(
             RegistryEvent(
@@ -511,6 +541,7 @@ class Registry:
         for lm in self.loaded():
             with contextlib.suppress(Exception):
                 self.unload(lm.info.id)
+        self.prompt_store.close()  # what is only in RAM goes to disk for the next run
 
     # ----- events --------------------------------------------------------------------------
 

@@ -28,6 +28,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     chat_template: str | None = None
     keep_alive: str | int | float | None = None
     pin: bool = False
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
+    batch_invariant: bool | None = None
 
 
 class GroupConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -69,6 +72,12 @@ class ConfigFile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     load_timeout: float | None = None
     hf_cache: bool = True
     user_stores: bool = True
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
+    batch_invariant: bool | None = None
+    prompt_cache_ram: str | int | None = None
+    prompt_cache_disk: str | int | None = None
+    prompt_cache_dir: str | None = None
     models: dict[str, ModelConfig] = {}
     aliases: dict[str, str] = {}
     groups: dict[str, GroupConfig] = {}
@@ -99,6 +108,12 @@ class Settings:
     ollama_dir: Path | None = None  # default: $OLLAMA_MODELS or ~/.ollama/models
     lmstudio_dirs: list[Path] | None = None  # default: ~/.lmstudio/models, ~/.cache/lm-studio
     download_concurrency: int = 2
+    cache_type_k: str = "f16"  # KV cache types: f16, q8_0, q4_0
+    cache_type_v: str = "f16"
+    batch_invariant: bool = True  # temperature-0 text independent of batch neighbours
+    prompt_cache_ram: int | None = None  # bytes; None: a share of the budget (memory.py)
+    prompt_cache_disk: int = 4 * 2**30  # bytes of spilled prompt prefixes; 0: RAM only
+    prompt_cache_dir: Path | None = None  # default: $XDG_CACHE_HOME/lmx/prompt-cache
     models: dict[str, ModelConfig] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     groups: dict[str, GroupConfig] = field(default_factory=dict)
@@ -117,10 +132,22 @@ class Settings:
             "threads",
             "gpu_layers",
             "max_queue",
+            "cache_type_k",
+            "cache_type_v",
+            "batch_invariant",
         ):
             v = getattr(cf, name)
             if v is not None:
                 setattr(self, name, v)
+        try:
+            if cf.prompt_cache_ram is not None:
+                self.prompt_cache_ram = parse_memory(cf.prompt_cache_ram)
+            if cf.prompt_cache_disk is not None:
+                self.prompt_cache_disk = parse_memory(cf.prompt_cache_disk)
+        except ValueError as e:
+            raise ConfigError(f"invalid config {path}: {e}") from e
+        if cf.prompt_cache_dir is not None:
+            self.prompt_cache_dir = Path(cf.prompt_cache_dir).expanduser()
         self.model_dirs += [Path(d).expanduser() for d in cf.model_dirs]
         self.include_hf_cache = cf.hf_cache
         self.include_user_stores = cf.user_stores
@@ -151,6 +178,18 @@ class Settings:
             raise ConfigError("max_loaded_models cannot be negative")
         if self.max_memory is not None and self.max_memory <= 0:
             raise ConfigError("max_memory must be positive")
+        from server.memory import kv_type_bytes
+
+        kinds = [("", self.cache_type_k), ("", self.cache_type_v)]
+        for mid, mc in self.models.items():
+            kinds += [(f"models.{mid}: ", k) for k in (mc.cache_type_k, mc.cache_type_v) if k]
+        for where, kind in kinds:
+            try:
+                kv_type_bytes(kind)
+            except ValueError as e:
+                raise ConfigError(f"{where}{e}") from e
+        if (self.prompt_cache_ram or 0) < 0 or self.prompt_cache_disk < 0:
+            raise ConfigError("prompt cache sizes cannot be negative")
 
     def bind_refusal(self) -> str | None:
         """Why binding `host` is refused, or None when it is allowed."""
@@ -250,6 +289,14 @@ def state_dir() -> Path:
     """lmx's own state (the download queue): $XDG_STATE_HOME/lmx or ~/.local/state/lmx."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "lmx"
+
+
+def prompt_cache_dir(settings: Settings) -> Path:
+    """Where spilled prompt prefixes go: $XDG_CACHE_HOME/lmx/prompt-cache or ~/.cache/lmx/..."""
+    if settings.prompt_cache_dir is not None:
+        return settings.prompt_cache_dir
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lmx" / "prompt-cache"
 
 
 def default_config_path() -> Path | None:

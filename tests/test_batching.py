@@ -288,3 +288,21 @@ def test_a_character_cut_by_the_limit_is_not_sent_as_garbage(engine: LlamaCppEng
         text, fin = collect(engine, GenerationRequest(prompt, n, SamplingParams(temperature=0)))
         assert "\ufffd" not in text, (n, text)
         assert fin.completion_tokens <= n
+
+
+def test_greedy_text_is_identical_alone_and_batched_beyond_256_tokens(
+    engine: LlamaCppEngine,
+) -> None:
+    # Past 256 cached tokens ggml splits a lone row's attention over the threads; the engine
+    # keeps such a row from sitting alone in its ubatch, so alone and batched still agree.
+    context = ("Notes from the field. " + "The river rose slowly over the stones. " * 45).strip()
+    topics = ["rivers", "owls", "bread", "trains"]
+    prompts = [chat(engine, ("system", context), ("user", f"Describe {t}.")) for t in topics]
+    assert all(len(p) > 300 for p in prompts)
+    alone = [
+        collect(engine, GenerationRequest(p, 40, SamplingParams(temperature=0)))[0] for p in prompts
+    ]
+    batched = run_together(
+        engine, [GenerationRequest(p, 40, SamplingParams(temperature=0)) for p in prompts]
+    )
+    assert [t for t, _ in batched] == alone
