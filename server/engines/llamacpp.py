@@ -124,6 +124,7 @@ class _Slot:
     # The shortest length these cells may be cut to. A state restored into a sliding-window
     # cache holds only the window before its end, so it can be extended but not cut shorter.
     floor: int = 0
+    prompt_len: int = 0  # the last request's prompt, the first part of `tokens`
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -430,7 +431,7 @@ class LlamaCppEngine:
         if self.failure is None and self._ctx:
             for slot in self._slots:  # the next load of this model starts from these
                 try:
-                    self._save_slot(slot)
+                    self._save_slot(slot, slot.prompt_len)
                 except Exception:  # a full disk must not keep the model's memory held
                     log.exception("could not keep the prompt cache of %s", self.info.id)
         with self._embed_lock:
@@ -502,6 +503,8 @@ class LlamaCppEngine:
         if not job.started_at:
             job.started_at = time.perf_counter()
             job.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        slot_prompt_len = slot.prompt_len
+        slot.prompt_len = len(prompt)
         stored = self._store_match(prompt)
         if self._wait_for_shared_prefill(slot, job, prompt, stored.usable if stored else 0):
             return
@@ -520,7 +523,7 @@ class LlamaCppEngine:
         if self._store_key is not None and limit - best >= MIN_STORE_GAIN:
             n = min(stored.usable, limit) if stored is not None else 0
             if stored is not None and n >= best + MIN_STORE_GAIN and n >= stored.min_keep:
-                self._save_slot(slot)
+                self._save_slot(slot, slot_prompt_len)
                 if self._restore(slot, stored, n):
                     job.cached = n
                     job.pending = prompt[n:]
@@ -534,7 +537,7 @@ class LlamaCppEngine:
             best = 0
         mem = self._mem
         if src is not slot and best > 0:
-            self._save_slot(slot)
+            self._save_slot(slot, slot_prompt_len)
             # Streams copy whole: take the other slot's cache, then cut it to the shared prefix.
             llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
             llama_cpp.llama_memory_seq_cp(mem, src.seq, slot.seq, -1, -1)
@@ -543,11 +546,11 @@ class LlamaCppEngine:
             slot.floor = src.floor
         elif best > 0:
             if len(slot.tokens) - best >= MIN_STORE_GAIN:
-                self._save_slot(slot)
+                self._save_slot(slot, slot_prompt_len if slot_prompt_len >= best else 0)
             llama_cpp.llama_memory_seq_rm(mem, slot.seq, best, -1)
             slot.tokens = slot.tokens[:best]
         else:
-            self._save_slot(slot)
+            self._save_slot(slot, slot_prompt_len)
             llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
             slot.tokens = []
             slot.floor = 0
@@ -586,8 +589,25 @@ class LlamaCppEngine:
             return None
         return self._store.lookup(self._store_key, prompt)
 
-    def _save_slot(self, slot: _Slot) -> None:
-        """Copy a slot's KV state into the store before its cells are overwritten."""
+    def _save_slot(self, slot: _Slot, prompt_len: int = 0) -> None:
+        """Copy a slot's KV state into the store before its cells are overwritten.
+
+        A sliding-window state restores only whole, so the last request's prompt alone is
+        saved too (`prompt_len`, when the caller no longer needs the cells after it): the same
+        prompt asked again after a swap then finds it.
+        """
+        self._save_state(slot)
+        if (
+            self._swa
+            and MIN_SAVE_TOKENS <= prompt_len < len(slot.tokens)
+            and prompt_len >= slot.floor
+            and self._store_key is not None
+        ):
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq, prompt_len, -1)
+            slot.tokens = slot.tokens[:prompt_len]
+            self._save_state(slot)
+
+    def _save_state(self, slot: _Slot) -> None:
         store, key = self._store, self._store_key
         toks = slot.tokens
         if store is None or key is None or len(toks) < MIN_SAVE_TOKENS:
@@ -599,6 +619,7 @@ class LlamaCppEngine:
                 other is not slot
                 and len(other.tokens) >= len(toks)
                 and other.floor <= len(toks)
+                and (not self._swa or len(other.tokens) == len(toks))
                 and _common_prefix(other.tokens, toks) == len(toks)
             ):
                 return
