@@ -25,6 +25,9 @@ UBATCH_FAST = 512  # its ubatch with batch_invariant off (llama-server's)
 # for one row per slot (the engine caps outputs at that), plus activations of about
 # 4 bytes x ubatch x 12 x embedding width (14.5 MiB and 19.8 MiB at a 512-row ubatch).
 COMPUTE_EMBD_FACTOR = 12
+# llama.cpp's own tables for the vocabulary (token texts, scores, lookup maps): measured about
+# 200 bytes a token (SmolLM2's 49k tokens, Gemma-3's 262k), counted with the compute buffers.
+VOCAB_TABLE_BYTES = 200
 DEFAULT_BUDGET_SHARE = 0.8  # of the RAM available when lmx starts
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -94,6 +97,7 @@ def estimate(
     vocab = header.vocab_size or int(header.arch_value("vocab_size", 0) or 0)
     ubatch = UBATCH if batch_invariant else UBATCH_FAST
     compute = 4 * (parallel * vocab + ubatch * COMPUTE_EMBD_FACTOR * n_embd)
+    compute += VOCAB_TABLE_BYTES * vocab
     weights = sum(t.n_bytes or 0 for t in header.tensors) or header.weights_bytes
     return MemoryEstimate(weights, kv, compute, ctx, parallel)
 
