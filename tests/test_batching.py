@@ -26,8 +26,12 @@ SYSTEM = ("You are a careful assistant for a hardware store. " * 40).strip()
 
 
 @pytest.fixture(scope="module")
-def engine(registry: Registry) -> LlamaCppEngine:
-    return registry.ensure_loaded(MODEL).engine
+def engine(registry: Registry) -> Iterator[LlamaCppEngine]:
+    # The tests drive the engine directly, without leases: pinned, keep_alive cannot unload
+    # it under them on a slow machine.
+    registry.pin(MODEL)
+    yield registry.ensure_loaded(MODEL).engine
+    registry.pin(MODEL, on=False)
 
 
 def chat(engine: LlamaCppEngine, *msgs: tuple[str, str]) -> list[int]:

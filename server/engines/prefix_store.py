@@ -275,12 +275,18 @@ class PrefixStore:
                 self._forget(e)
             self._entries.clear()
 
-    def close(self) -> None:
-        """Write what is only in RAM to disk (as far as the disk cap allows), for the next run."""
+    def close(self, max_seconds: float = 10.0) -> None:
+        """Write what is only in RAM to disk for the next run, most recent first, as far as the
+        disk cap allows and for at most `max_seconds` (a shutdown must not hang on a big cache).
+        """
+        deadline = time.monotonic() + max_seconds
         with self._lock:
             if self.disk_dir is None:
                 return
-            for e in reversed(list(self._entries.values())):  # most recent first
+            for e in reversed(list(self._entries.values())):
+                if time.monotonic() > deadline:
+                    log.info("prompt cache: left the rest in RAM after %.0fs", max_seconds)
+                    return
                 if e.state is not None and e.path is None:
                     if self._disk + e.size > self.disk_limit:
                         continue
