@@ -46,7 +46,7 @@ class ModelInfo:
 
     @property
     def usable(self) -> bool:
-        return self.error is None and self.header is not None
+        return self.error is None and (self.header is not None or self.format != "gguf")
 
     @property
     def architecture(self) -> str | None:

@@ -279,10 +279,15 @@ class DownloadQueue:
     def _stream(self, d: Download, partial: Path) -> bool:
         """Append the rest of the file to `partial`; False if paused or cancelled."""
         from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
         have = partial.stat().st_size if partial.exists() else 0
         url = hf_hub_url(d.repo, d.filename, revision=d.commit, endpoint=endpoint())
-        headers = {"Range": f"bytes={have}-"} if have else {}
+        # The hub's own headers: the user's token (HF_TOKEN or `hf auth login`) for gated
+        # repositories, and its user agent.
+        headers = dict(build_hf_headers())
+        if have:
+            headers["Range"] = f"bytes={have}-"
         with httpx.stream(
             "GET", url, headers=headers, follow_redirects=True, timeout=httpx.Timeout(30, read=60)
         ) as r:

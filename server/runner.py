@@ -5,15 +5,14 @@ from __future__ import annotations
 import errno
 import socket
 import threading
-import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
 from server.api.app import create_app
-from server.registry import Registry
-from server.settings import Settings
+from server.runtime import Runtime
 
 GRACEFUL_SECONDS = 2
 
@@ -45,21 +44,27 @@ class LmxServer(uvicorn.Server):
     """uvicorn's server, which also cancels generations the moment a shutdown is asked for,
     so open streams end at once instead of holding the port."""
 
-    def __init__(self, config: uvicorn.Config, registry: Registry) -> None:
+    def __init__(self, config: uvicorn.Config, rt: Runtime) -> None:
         super().__init__(config)
-        self.registry = registry
+        self.rt = rt
+        self.on_started: Callable[[], None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()  # listening, with uvicorn's signal handlers in place
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.registry.cancel_all()
+        self.rt.scheduler.cancel_all()
         super().handle_exit(sig, frame)
 
     def request_stop(self) -> None:
-        self.registry.cancel_all()
+        self.rt.scheduler.cancel_all()
         self.should_exit = True
 
 
-def make_server(registry: Registry, settings: Settings, *, log_level: str = "info") -> LmxServer:
-    app = create_app(registry, settings)
+def make_server(rt: Runtime, *, log_level: str = "info") -> LmxServer:
+    app = create_app(rt)
     config = uvicorn.Config(
         app,
         log_level=log_level,
@@ -67,7 +72,7 @@ def make_server(registry: Registry, settings: Settings, *, log_level: str = "inf
         lifespan="on",
         access_log=log_level == "debug",
     )
-    return LmxServer(config, registry)
+    return LmxServer(config, rt)
 
 
 def address(sock: socket.socket) -> tuple[str, int]:
@@ -78,11 +83,13 @@ def address(sock: socket.socket) -> tuple[str, int]:
 class ServerThread:
     """The same server on a worker thread; the caller owns the main thread (TUI, tests)."""
 
-    def __init__(self, registry: Registry, settings: Settings, *, log_level: str = "warning"):
-        self.sock = bind_socket(settings.host, settings.port)
+    def __init__(self, rt: Runtime, *, log_level: str = "warning"):
+        self.sock = bind_socket(rt.settings.host, rt.settings.port)
         self.host, self.port = address(self.sock)
-        self.server = make_server(registry, settings, log_level=log_level)
+        self.server = make_server(rt, log_level=log_level)
         self.error: BaseException | None = None
+        self._started = threading.Event()
+        self.server.on_started = self._started.set
         self._thread = threading.Thread(target=self._run, name="lmx-http", daemon=True)
 
     @property
@@ -95,12 +102,12 @@ class ServerThread:
             self.server.run(sockets=[self.sock])
         except BaseException as e:  # uvicorn calls sys.exit on startup failure
             self.error = e
+        finally:
+            self._started.set()  # wake start(): it reads `started` and the error
 
     def start(self, timeout: float = 30) -> ServerThread:
         self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        self._started.wait(timeout)
         if not self.server.started:
             raise RuntimeError(f"the HTTP server did not start: {self.error!r}")
         return self

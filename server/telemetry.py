@@ -28,6 +28,7 @@ class RequestRecord:
     cached_tokens: int = 0
     latency_ms: float = 0.0
     ttft_ms: float | None = None
+    source: str = "api"  # which front end: openai, ollama, admin, tui, cli
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,12 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+# The same bounds as server.pipeline.SAMPLING_BOUNDS, stated here for the OpenAPI schema.
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopK = Annotated[int, Meta(ge=0)]
+RepeatPenalty = Annotated[float, Meta(gt=0.0, le=10.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 
 
@@ -43,11 +47,11 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     """Fields shared by chat and text completions."""
 
     max_tokens: PositiveInt | None = None
-    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    temperature: Temperature | None = None
     top_p: Probability | None = None
-    top_k: Annotated[int, Meta(ge=0)] | None = None
+    top_k: TopK | None = None
     min_p: Probability | None = None
-    repeat_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
+    repeat_penalty: RepeatPenalty | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     seed: int | None = None
