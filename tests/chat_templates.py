@@ -47,7 +47,10 @@ or (message.role == 'assistant' and not message.tool_calls) %}
 """
 
 LLAMA3 = """\
-{{- bos_token }}{%- for message in messages %}\
+{{- bos_token }}{%- if tools %}{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}\
+Respond in the format {"name": function name, "parameters": dictionary of arguments}.\
+{%- for t in tools %}{{- '\\n' }}{{- t | tojson }}{%- endfor %}{{- '<|eot_id|>' }}{%- endif %}\
+{%- for message in messages %}\
 {{- '<|start_header_id|>' + message.role + '<|end_header_id|>\\n\\n' }}\
 {%- if message.role == 'assistant' and message.tool_calls %}\
 {{- '{"name": "' + message.tool_calls[0].function.name + '", "parameters": ' }}\
