@@ -312,6 +312,15 @@ class _JsonRegion:
         return self.scanner.done and not self.failed
 
     @property
+    def any_ignored(self) -> bool:
+        return any(c.ignored for c in self.calls)
+
+    @property
+    def responded(self) -> bool:
+        """Some `response` text was given as content."""
+        return self._resp_sent > self._resp_start
+
+    @property
     def rest(self) -> str:
         """Text after the value's end."""
         return self.text[self.scanner.end :] if self.scanner.done else ""
@@ -400,9 +409,10 @@ class _JsonRegion:
             self.calls[-1].done = True
 
     def _progress(self, out: list[OutputEvent]) -> None:
+        # Response text decodable before a break is content either way, streamed or not.
+        self._stream_response(out)
         if self.failed:
             return
-        self._stream_response(out)
         for call in self.calls:
             if call.ended or call.ignored:
                 continue
@@ -465,7 +475,9 @@ class _JsonRegion:
 
     def _end_incomplete(self, call: _Call, out: list[OutputEvent], cut: int) -> None:
         call.ended = True
-        raw = (self.prefix if call is self.calls[0] else "") + self.text[call.first_pos : cut]
+        # Its raw text runs from the end of the call before it (or the region's start).
+        before = [c.end_pos for c in self.calls if c.end_pos >= 0 and c.first_pos < call.first_pos]
+        raw = self.text[max(before) : cut] if before else self.prefix + self.text[:cut]
         out.append(
             ToolCallEnd(call.index, call.id, call.name or "", "".join(call.fragments), False, raw)
         )
@@ -477,10 +489,12 @@ class _JsonRegion:
         the point where it broke, which the parser reads again as ordinary output.
         """
         cut = self.scanner.pos if self.failed else len(self.text)
+        if self.scanner.done:
+            cut = self.scanner.end
         rest = self.text[cut:]
         out: list[OutputEvent] = []
         if not self.any_started:
-            if self._resp_kind == '"' and self._resp_sent > self._resp_start:
+            if self.responded:
                 return out, self.text[self._resp_sent : cut], rest
             return out, self.prefix + self.text[:cut], rest
         for call in self.calls:
@@ -569,6 +583,11 @@ class ToolCallParser:
             self._close_region(out)
             return False
         if region.done:
+            if not region.any_started and not region.any_ignored and not region.responded:
+                # Well-formed JSON without a call in it (`[]`, `{"tool_calls": []}`): text.
+                region.failed = True
+                self._close_region(out)
+                return False
             self._region = None
             self._buf = region.rest
             self._after_call = self._sink.count > 0
