@@ -33,6 +33,12 @@ from server.errors import InvalidRequest
 from server.toolcall_parsers import ToolCallParser, new_call_id, tool_call_parser
 
 ToolFormat = Literal["hermes", "llama3", "mistral", "generic"]
+FORMAT_MARKERS: dict[ToolFormat, tuple[str, ...]] = {
+    "hermes": ("<tool_call>", "</tool_call>"),
+    "llama3": ("<|python_tag|>",),
+    "mistral": ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"),
+    "generic": (),
+}
 # OpenAI's rule for function names (Anthropic allows up to 128 characters).
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ANTHROPIC_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -486,6 +492,12 @@ class ToolCallPlan:
     grammar: str | None
     system_text: str | None
     system_role: bool = True
+
+    @property
+    def markers(self) -> tuple[str, ...]:
+        """The marker strings the parser reads. Where a model's vocabulary has them as special
+        tokens, the engine must emit their text (llama-server's "preserved tokens")."""
+        return FORMAT_MARKERS[self.parse_format] if self.parse_format else ()
 
     @property
     def template_tools(self) -> list[dict[str, Any]] | None:

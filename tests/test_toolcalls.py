@@ -517,7 +517,7 @@ def test_plans(smol_template: str) -> None:
     auto_native = plan_tool_calls(tools, AUTO, template=hermes)
     assert auto_native.parse_format == "hermes" and auto_native.grammar is None
     assert auto_native.template_tools == [WEATHER, ADD] and auto_native.system_text is None
-    assert auto_native.native_history
+    assert auto_native.native_history and auto_native.markers == ("<tool_call>", "</tool_call>")
 
     auto_generic = plan_tool_calls(tools, AUTO, template=smol)
     assert auto_generic.parse_format == "generic" and auto_generic.template_tools is None
