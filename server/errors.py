@@ -99,3 +99,13 @@ class NotFound(LmxError):
 
     status = 404
     code = "not_found"
+
+
+class ChatTemplateBroken(ModelUnusable):
+    """The model's chat template failed on its own (ran too long, grew too big, did not
+    compile, or broke the sandbox); the model is marked so until it is reloaded."""
+
+    code = "chat_template_broken"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param=None)
