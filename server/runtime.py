@@ -13,6 +13,7 @@ from server.downloads import Download, DownloadQueue
 from server.engines import EngineFactory, create_engine
 from server.errors import InvalidRequest
 from server.events import EventBus
+from server.keys import KeyStore
 from server.pipeline import GenerationService
 from server.scheduler import Clock, Scheduler
 from server.settings import ConfigError, ConfigStore, Settings, hf_cache_dir, state_dir
@@ -33,6 +34,7 @@ class Runtime:
     ) -> None:
         self.config = config if isinstance(config, ConfigStore) else ConfigStore.fixed(config)
         self.events = EventBus()
+        self.keys = KeyStore(self.config)  # a bad key file fails here, before anything loads
         self.requests = RequestLog()
         self.catalog = Catalog(self.config)
         self.scheduler = Scheduler(

@@ -194,6 +194,7 @@ class Scheduler:
         self._loaded: dict[str, LoadedModel] = {}
         self._pins: set[str] = set()
         self._closed = False
+        self._shutting_down = False  # cancel_all() ran: lmx is stopping
         self._thread: threading.Thread | None = None
         self._background = background  # False: the caller runs tick() (virtual-time tests)
         self._estimator = estimator or estimate_model
@@ -521,8 +522,20 @@ class Scheduler:
         log.error("%s failed: %s", lm.info.id, reason)
         self.events.publish("engine_failed", lm.info.id, error=reason)
 
+    def why_stopped(self, model_id: str) -> str:
+        """Why a generation on `model_id` was cancelled by lmx rather than by its client."""
+        with self._cond:
+            if self._closed or self._shutting_down:
+                return "lmx is shutting down; the generation was stopped"
+            lm = self._loaded.get(model_id)
+            if lm is None or lm.state in (ModelState.UNLOADING, ModelState.STOPPED):
+                return f"the model '{model_id}' was unloaded while generating"
+        return f"the generation on '{model_id}' was stopped by the server"
+
     def cancel_all(self) -> None:
         """Stop every generation in flight (shutdown)."""
+        with self._cond:
+            self._shutting_down = True
         for lm in self.loaded():
             if lm.engine is not None:
                 lm.engine.cancel_all()

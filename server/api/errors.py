@@ -12,7 +12,8 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
 
-from server.errors import LmxError, QueueFull
+from server.errors import LmxError
+from server.keys import current_key
 from server.telemetry import RequestRecord
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def _record(request: Request[Any, Any, Any], status: int) -> None:
                 path=request.url.path,
                 model=None,
                 status=status,
+                key=key.name if (key := current_key.get()) is not None else None,
             )
         )
 
@@ -97,7 +99,7 @@ def handlers(shape: Shape) -> ExceptionHandlersMap:
 
     def lmx_error(request: Request[Any, Any, Any], exc: LmxError) -> Response[Any]:
         _record(request, exc.status)
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else None
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
         return respond(exc.status, exc.message, exc.type, exc.code, exc.param, headers)
 
     def validation_error(

@@ -373,11 +373,11 @@ class OllamaController(Controller):
         )
         return {"embedding": vectors[0]}
 
-    @delete("/delete", status_code=200)
+    @delete("/delete", status_code=200, opt={"scope": "admin"})
     async def delete_(self, rt: NamedDependency[Runtime], data: JSONBody[ModelBody]) -> None:
         await asyncio.to_thread(rt.remove, data.which)
 
-    @post("/pull", status_code=200)
+    @post("/pull", status_code=200, opt={"scope": "admin"})
     async def pull(self, rt: NamedDependency[Runtime], data: JSONBody[PullBody]) -> Response[Any]:
         name = data.model or data.name or ""
         repo, _, quant = name.removeprefix("hf.co/").removeprefix("huggingface.co/").partition(":")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
+from jinja2.exceptions import SecurityError
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from server.discovery import ModelInfo
@@ -34,7 +35,7 @@ from server.engines.base import (
     Timings,
     TokenText,
 )
-from server.errors import EngineFailure, InvalidRequest, QueueFull
+from server.errors import EngineFailure, InvalidRequest, QueueFull, TemplateBroken
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +262,13 @@ class LlamaCppEngine:
             return self._apply_builtin(messages)
         try:
             return self._formatter(messages=messages, tools=tools).prompt  # type: ignore[arg-type]
+        except (SecurityError, RecursionError, MemoryError) as e:
+            # The template itself misbehaves (a sandbox escape, runaway recursion): the model
+            # file is at fault, not the messages.
+            raise TemplateBroken(
+                f"The model's chat template failed: {type(e).__name__}: {str(e)[:200]}",
+                param="model",
+            ) from e
         except Exception as e:  # template errors (raise_exception, jinja) are the caller's
             raise InvalidRequest(
                 f"The chat template rejected the messages: {e}", param="messages"
