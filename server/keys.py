@@ -166,9 +166,9 @@ class KeyStore:
     @property
     def enabled(self) -> bool:
         """Whether any key is set (else every route is open, as on a loopback-only server)."""
-        return bool(self.keys())
+        return bool(self.all())
 
-    def keys(self) -> list[ApiKey]:
+    def all(self) -> list[ApiKey]:
         self._refresh()
         with self._lock:
             return list(self._keys)
@@ -179,7 +179,7 @@ class KeyStore:
             return None
         want = _digest(given)
         found = None
-        for key in self.keys():
+        for key in self.all():
             if hmac.compare_digest(want, key.digest):
                 found = key  # no early exit: the time does not depend on which key matched
         return found
