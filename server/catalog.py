@@ -48,6 +48,9 @@ class Catalog:
         self._stamps: dict[str, FileStamp] = {}  # model id -> its file as last read
         self._broken: dict[str, str] = {}  # model id -> why its chat template is broken
         self._digests = DigestCache(state_dir() / "digests.json")
+        # Whether a model is loaded (the runtime points it at the scheduler): a loaded model's
+        # file may change under it; the catalog follows only once it is unloaded.
+        self.in_use: Callable[[str], bool] = lambda model_id: False
         self.refresh()
 
     @property
@@ -72,6 +75,16 @@ class Catalog:
             found += source()
         stamps = {m.id: st for m in found if m.format == "gguf" and (st := file_stamp(m.path))}
         with self._lock:
+            before, old_stamps = dict(self._models), dict(self._stamps)
+        ids = {m.id for m in found}
+        for mid, old in before.items():  # in_use() asks the scheduler: not under our lock
+            if mid not in ids and self.in_use(mid):
+                # Deleted while loaded: it serves from memory until unloaded, so it stays
+                # listed (with its old file's stamp) until then.
+                found.append(old)
+                if mid in old_stamps:
+                    stamps[mid] = old_stamps[mid]
+        with self._lock:
             for mid in list(self._broken):
                 if stamps.get(mid) != self._stamps.get(mid):
                     del self._broken[mid]  # a new file: its template gets a fresh chance
@@ -85,7 +98,8 @@ class Catalog:
         with self._lock:
             known = list(self._stamps.items())
             paths = {m.id: m.path for m in self._models.values()}
-        if any(file_stamp(paths[mid]) != st for mid, st in known if mid in paths):
+        changed = [mid for mid, st in known if mid in paths and file_stamp(paths[mid]) != st]
+        if any(not self.in_use(mid) for mid in changed):
             log.info("a model file changed on disk; rescanning")
             self.refresh()
 

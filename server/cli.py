@@ -535,6 +535,13 @@ def cmd_serve(config: ConfigStore, log_level: str) -> None:
         lambda *_: threading.Thread(target=rt.reload_config, name="lmx-sighup").start(),
     )
     rt.watch_config()
+
+    def terminated(*_: Any) -> None:
+        raise SystemExit(0)
+
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again under the handler that was
+    # there before: this one, so the `finally` below still unloads the models and exits 0.
+    signal.signal(signal.SIGTERM, terminated)
     server.on_started = announce  # only once the socket serves and every handler is in place
     try:
         server.run(sockets=[sock])

@@ -40,6 +40,7 @@ class Runtime:
         self.scheduler = Scheduler(
             self.config, self.catalog, self.events, engine_factory=engine_factory, clock=clock
         )
+        self.catalog.in_use = lambda model_id: self.scheduler.get(model_id) is not None
         self.service = GenerationService(self.catalog, self.scheduler, self.requests)
         self._downloads: DownloadQueue | None = None
         self._lock = threading.Lock()

@@ -370,12 +370,19 @@ class Scheduler:
             self._load(placeholder)
             load_s = time.perf_counter() - t0
             with self._cond:
+                closed = self._closed
+            if closed:  # lmx began to stop during the load: nobody will unload it later
+                self._unload(placeholder, "unloaded")
+                raise EngineFailure("lmx is shutting down")
+            with self._cond:
                 if self._loaded.get(info.id) is not placeholder:
                     continue  # unloaded before we could take it
                 placeholder.leases += 1
                 placeholder.expires_at = None
                 placeholder.last_used = self.clock.now()
-                self._transition(placeholder, ModelState.BUSY)
+                # A request that waited on this load may have leased it first (ready -> busy).
+                if placeholder.state == ModelState.READY:
+                    self._transition(placeholder, ModelState.BUSY)
                 lease = Lease(self, placeholder, load_s)
                 lease.keep_alive = keep_alive
                 return lease
@@ -638,6 +645,14 @@ class Scheduler:
             self._closed = True
             self._cond.notify_all()
             thread = self._thread
+            # A load in flight (a SIGTERM mid-load) finishes first; its lease() sees `_closed`
+            # and unloads it, so no model is left mapped as the process exits.
+            deadline = time.monotonic() + 60
+            while any(lm.state == ModelState.LOADING for lm in self._loaded.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 1.0))
         for lm in list(self._loaded.values()):
             with contextlib.suppress(Exception):
                 self._unload(lm, "unloaded")
