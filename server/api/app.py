@@ -13,7 +13,8 @@ from litestar.di import NamedDependency, Provide
 from litestar.openapi import OpenAPIConfig
 
 from server import __version__
-from server.api.admin import AdminController, metrics_handler
+from server.api import ollama, schemas
+from server.api.admin import AdminController, DownloadBody, metrics_handler
 from server.api.auth import key_guard
 from server.api.errors import OPENAI_ERRORS
 from server.api.ollama import OllamaController
@@ -47,9 +48,24 @@ async def health(rt: NamedDependency[Runtime]) -> dict[str, Any]:
     }
 
 
+# Every request body, for the OpenAPI document's components.
+BODIES: list[type] = [
+    schemas.ChatCompletionRequest,
+    schemas.CompletionRequest,
+    schemas.EmbeddingRequest,
+    ollama.ChatBody,
+    ollama.GenerateBody,
+    ollama.EmbedBody,
+    ollama.EmbeddingsBody,
+    ollama.ModelBody,
+    ollama.PullBody,
+    DownloadBody,
+]
+
+
 def create_app(rt: Runtime) -> Litestar:
     """Build the HTTP app over `rt` (shared with the TUI when it runs)."""
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             health,
             OpenAIController,
@@ -67,3 +83,5 @@ def create_app(rt: Runtime) -> Litestar:
         request_max_body_size=32 * 1024 * 1024,
         debug=False,
     )
+    schemas.state_constraints(app.openapi_schema, BODIES)
+    return app

@@ -67,6 +67,15 @@ def _record(request: Request[Any, Any, Any], status: int) -> None:
         )
 
 
+# Plain words for fields whose schema is a pattern or a union (msgspec would quote a regex).
+FIELD_RULES = {
+    "keep_alive": "a duration such as 10m, 1h30m, 45s, 0 or -1 (seconds when a number)",
+    "input": "a non-empty string or a list of non-empty strings (token arrays are not supported)",
+    "prompt": "a non-empty string or a list of non-empty strings",
+    "logit_bias": "an object whose keys are token ids",
+}
+
+
 def describe_validation(exc: ValidationException) -> tuple[str, str | None]:
     """A one-line message and the field at fault, from Litestar/msgspec's report."""
     extra = exc.extra
@@ -77,6 +86,9 @@ def describe_validation(exc: ValidationException) -> tuple[str, str | None]:
         if "malformed" in msg.lower():
             return f"Invalid JSON body: {msg}", None
         if key and key != "data":
+            field = str(key).split(".")[-1].split("[")[0]
+            if field in FIELD_RULES and ("regex" in msg or "Expected `str`" in msg):
+                return f"Invalid request: {key} must be {FIELD_RULES[field]}.", str(key)
             return f"Invalid request: {msg} (at '{key}')", str(key)
         return f"Invalid request: {msg}", None
     return str(exc.detail or "Invalid request"), None
