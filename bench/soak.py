@@ -9,16 +9,19 @@ over a mix: streamed chats to the end, streams dropped after a few chunks, Ollam
 embeddings, and malformed bodies (bad JSON, wrong types, out-of-range values) on both
 dialects. Clients follow one model for a phase and all move to the other at phase changes,
 with a share of requests for the other model in between (contention for the one slot).
-RSS is sampled once a second after a warm-up; its least-squares slope is printed in MB/min.
+RSS is sampled once a second after a warm-up; its least-squares slope is printed in MB/min,
+overall (which swings with the model loaded) and per loaded model (the leak signal).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -87,6 +90,7 @@ class Server:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},
         )
         assert self.proc.stdout is not None
         self.url = ""
@@ -101,8 +105,17 @@ class Server:
         threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True).start()  # type: ignore[arg-type]
 
     def stop(self) -> int:
+        """SIGTERM; a server still there after 30 s is aborted, which makes Python's fault
+        handler print every thread's stack into the log."""
         self.proc.terminate()
-        return self.proc.wait(30)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(30)
+            time.sleep(0.5)  # let the reader thread take the last lines of the log
+            print("the server did not stop within 30 s of SIGTERM:\n" + "".join(self.log)[-6000:])
+            return self.proc.returncode
 
 
 async def client(
@@ -128,6 +141,9 @@ async def client(
                     ) as r:
                         status = str(r.status_code)
                         chunks = 0
+                        if r.status_code >= 400:
+                            body = (await r.aread()).decode("utf-8", "replace")
+                            errors.append(f"{r.status_code} {body[:200]}")
                         async for line in r.aiter_lines():
                             if '"error"' in line:
                                 status = f"{r.status_code}+stream-error"
@@ -159,7 +175,7 @@ async def client(
                         path, content=body, headers={"Content-Type": "application/json"}
                     )
                     counts[str(r.status_code)] += 1
-                if kind != "drop" and r.status_code >= 500:
+                if kind not in ("stream", "drop") and r.status_code >= 500:
                     errors.append(f"{r.status_code} {r.text[:200]}")
             except httpx.HTTPError as e:
                 counts[f"client {type(e).__name__}"] += 1
@@ -202,12 +218,37 @@ async def main() -> None:
         until = start + args.seconds
         warmup = start + min(10.0, args.seconds / 5)
 
-        async def sample() -> None:
-            while time.monotonic() < until:
-                if time.monotonic() >= warmup:
-                    rss.append((time.monotonic(), proc.memory_info().rss))
-                await asyncio.sleep(1)  # the sampling period, not a wait for a condition
+        by_model: dict[str, list[tuple[float, int]]] = {}
 
+        async def sample() -> None:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=10) as http:
+                while time.monotonic() < until:
+                    if time.monotonic() >= warmup:
+                        now, mem = time.monotonic(), proc.memory_info().rss
+                        rss.append((now, mem))
+                        # RSS follows which model is loaded; compare like with like.
+                        with contextlib.suppress(httpx.HTTPError, ValueError):
+                            loaded = (await http.get("/health")).json()["models_loaded"]
+                            if len(loaded) == 1:
+                                by_model.setdefault(loaded[0], []).append((now, mem))
+                    await asyncio.sleep(1)  # the sampling period, not a wait for a condition
+
+        loads: Counter[str] = Counter()
+
+        async def watch() -> None:
+            """Count model loads (the swaps) from the server's own event stream."""
+            with contextlib.suppress(httpx.HTTPError):
+                async with (
+                    httpx.AsyncClient(base_url=srv.url, timeout=None) as http,
+                    http.stream("GET", "/admin/events") as r,
+                ):
+                    async for line in r.aiter_lines():
+                        if line == "event: loaded":
+                            loads["loaded"] += 1
+                        if time.monotonic() >= until:
+                            return
+
+        watcher = asyncio.create_task(watch())
         try:
             await asyncio.gather(
                 sample(),
@@ -216,9 +257,13 @@ async def main() -> None:
                     for i in range(args.clients)
                 ),
             )
-            async with httpx.AsyncClient(base_url=srv.url) as http:
-                alive = (await http.get("/health")).status_code == 200
+            try:
+                async with httpx.AsyncClient(base_url=srv.url) as http:
+                    alive = (await http.get("/health")).status_code == 200
+            except httpx.HTTPError:
+                alive = False
         finally:
+            watcher.cancel()
             code = srv.stop()
         total = sum(counts.values())
         fives = sum(n for s, n in counts.items() if s[:1] == "5")
@@ -226,16 +271,23 @@ async def main() -> None:
         for status, n in sorted(counts.items()):
             print(f"  {status:<28} {n}")
         print(f"5xx: {fives}; stream errors: {sum(1 for e in errors if 'error' in e)}")
+        print(f"model loads (swaps under --max-loaded-models 1): {loads['loaded']}")
         first, last = (rss[0][1], rss[-1][1]) if rss else (0, 0)
         print(
             f"RSS: {first / 1e6:.0f} MB -> {last / 1e6:.0f} MB, slope {slope(rss):+.1f} MB/min "
             f"({len(rss)} samples after warm-up)"
         )
+        for model, samples in sorted(by_model.items()):
+            print(
+                f"  while {model} was loaded: {slope(samples):+.1f} MB/min over "
+                f"{len(samples)} samples ({min(m for _, m in samples) / 1e6:.0f}-"
+                f"{max(m for _, m in samples) / 1e6:.0f} MB)"
+            )
         print(f"server healthy at the end: {alive}; exit code on SIGTERM: {code}")
         for e in errors[:5]:
             print("  error:", e)
-        if "Traceback" in "".join(srv.log):
-            print("server log has a traceback:\n" + "".join(srv.log)[-3000:])
+        if "Traceback" in "".join(srv.log) or not alive or code != 0:
+            print("server log (end):\n" + "".join(srv.log)[-5000:])
 
 
 if __name__ == "__main__":

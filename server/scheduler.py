@@ -195,6 +195,7 @@ class Scheduler:
         self._pins: set[str] = set()
         self._closed = False
         self._shutting_down = False  # cancel_all() ran: lmx is stopping
+        self._cancels = 0  # cancel_all() calls so far
         self._thread: threading.Thread | None = None
         self._background = background  # False: the caller runs tick() (virtual-time tests)
         self._estimator = estimator or estimate_model
@@ -347,6 +348,7 @@ class Scheduler:
                     assert lm.engine is not None
                     unusable = (not lm.engine.alive) or (lm.stale and lm.leases == 0)
                     if not unusable:
+                        self._shutting_down = False  # serving again (the TUI, tests)
                         lm.leases += 1
                         lm.expires_at = None
                         lm.last_used = self.clock.now()
@@ -375,15 +377,12 @@ class Scheduler:
                 self._unload(placeholder, "unloaded")
                 raise EngineFailure("lmx is shutting down")
             with self._cond:
-                if self._loaded.get(info.id) is not placeholder:
-                    continue  # unloaded before we could take it
-                placeholder.leases += 1
-                placeholder.expires_at = None
-                placeholder.last_used = self.clock.now()
-                # A request that waited on this load may have leased it first (ready -> busy).
-                if placeholder.state == ModelState.READY:
-                    self._transition(placeholder, ModelState.BUSY)
-                lease = Lease(self, placeholder, load_s)
+                if self._loaded.get(info.id) is not placeholder or placeholder.state not in (
+                    ModelState.READY,
+                    ModelState.BUSY,
+                ):
+                    continue  # unloaded (admin, shutdown) before we could use it
+                lease = Lease(self, placeholder, load_s)  # _load() counted this lease
                 lease.keep_alive = keep_alive
                 return lease
 
@@ -431,7 +430,12 @@ class Scheduler:
             lm.engine = engine
             lm.loaded_at = time.time()
             self._transition(lm, ModelState.READY)
-            lm.expires_at = self._deadline(self.keep_alive_for(info.id))
+            # The request that loaded it holds it from this instant: were it idle for a moment,
+            # another load waiting for room could evict it before its first token.
+            lm.leases += 1
+            lm.last_used = self.clock.now()
+            lm.expires_at = None
+            self._transition(lm, ModelState.BUSY)
             self._cond.notify_all()
         log.info("loaded %s in %.2fs", info.id, lm.load_seconds)
         self.events.publish("loaded", info.id, seconds=round(lm.load_seconds, 3))
@@ -450,7 +454,12 @@ class Scheduler:
                 param="model",
             )
         deadline = self.clock.now() + self.settings.load_timeout
+        cancels = self._cancels
         while True:
+            if self._cancels != cancels or self._closed:
+                # lmx is stopping: waiting out load_timeout would hold the shutdown up.
+                self.waiting.pop(info.id, None)
+                raise EngineFailure("lmx is shutting down")
             rivals = self.group_rivals(info.id)
             if rivals and all(r.idle for r in rivals):
                 for r in rivals:
@@ -483,7 +492,9 @@ class Scheduler:
                         f"within {self.settings.load_timeout:.0f}s. Retry later.",
                         param="model",
                     )
-                self.clock.wait(self._cond, left)
+                # A busy model turns idle when its engine finishes the last step, which no
+                # one announces (a dropped stream releases its lease before that): poll.
+                self.clock.wait(self._cond, min(left, 0.5))
 
     # ----- unloading -----------------------------------------------------------------------
 
@@ -506,6 +517,8 @@ class Scheduler:
                 ModelState.BUSY,
             ):
                 return False
+            if reason in ("evicted", "expired") and not lm.idle:
+                return False  # leased since it was chosen: a model in use is never evicted
             self._transition(lm, ModelState.UNLOADING)
         try:
             if lm.engine is not None:
@@ -543,6 +556,8 @@ class Scheduler:
         """Stop every generation in flight (shutdown)."""
         with self._cond:
             self._shutting_down = True
+            self._cancels += 1  # loads waiting for room give up (see _make_room)
+            self._cond.notify_all()
         for lm in self.loaded():
             if lm.engine is not None:
                 lm.engine.cancel_all()
