@@ -81,7 +81,7 @@ def test_a_disk_that_fills_mid_download_fails_the_job_and_leaves_nothing(
             job = r.json()["downloads"][0]["id"]
 
             def state() -> dict[str, object]:
-                jobs = httpx.get(srv.url + "/admin/downloads").json()["downloads"]
+                jobs = httpx.get(srv.url + "/admin/downloads", timeout=60).json()["downloads"]
                 return next(j for j in jobs if j["id"] == job)  # type: ignore[no-any-return]
 
             wait_for(lambda: int(state()["done"]) > 4 << 20, timeout=60)  # type: ignore[call-overload]
@@ -95,13 +95,16 @@ def test_a_disk_that_fills_mid_download_fails_the_job_and_leaves_nothing(
             assert not list(small_disk.rglob("*.tmp"))
             assert scan_hf_cache(cache) == []
             rt.catalog.refresh()
-            listed = httpx.get(srv.url + "/v1/models").json()["data"]
+            listed = httpx.get(srv.url + "/v1/models", timeout=60).json()["data"]
             assert not any(HUB_REPO.lower() in m["id"] for m in listed)
             saved = json.loads((small_disk / "state" / "lmx" / "downloads.json").read_text())
             assert [j["state"] for j in saved if j["id"] == job] == ["failed"]
             # With room again the same job resumes and completes.
             hub.delay = 0.0
-            assert httpx.post(srv.url + f"/admin/downloads/{job}/resume").status_code == 200
+            assert (
+                httpx.post(srv.url + f"/admin/downloads/{job}/resume", timeout=60).status_code
+                == 200
+            )
             wait_for(lambda: state()["state"] == "done", timeout=120)
             assert len(scan_hf_cache(cache)) == 1
     finally:
@@ -162,18 +165,18 @@ def test_a_file_deleted_or_replaced_while_loaded_serves_until_unload(
             assert r.status_code == 200
             assert rt.scheduler.get("m") is not None
             assert rt.scheduler.get("m").info.architecture == "llama"  # type: ignore[union-attr]
-            r = httpx.post(srv.url + "/admin/models/m/unload")
+            r = httpx.post(srv.url + "/admin/models/m/unload", timeout=60)
             assert r.status_code == 200 and r.json()["unloaded"] is True
             # After the unload the new file is found and loaded.
-            card = httpx.get(srv.url + "/v1/models/m").json()
+            card = httpx.get(srv.url + "/v1/models/m", timeout=60).json()
             assert card["lmx"]["architecture"] == "gemma3"
             r = httpx.post(srv.url + "/v1/chat/completions", json=chat, timeout=120)
             assert r.status_code == 200
             assert rt.scheduler.get("m").info.architecture == "gemma3"  # type: ignore[union-attr]
             # Deleted for good: a clean 404 once unloaded.
-            httpx.post(srv.url + "/admin/models/m/unload")
+            httpx.post(srv.url + "/admin/models/m/unload", timeout=60)
             (folder / "m.gguf").unlink()
-            r = httpx.post(srv.url + "/v1/chat/completions", json=chat)
+            r = httpx.post(srv.url + "/v1/chat/completions", json=chat, timeout=60)
             assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     finally:
         rt.close()

@@ -27,6 +27,18 @@ SECRETS = (INFER, ADMIN, BOT, CAPPED)
 CHAT = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
 
 
+def post(url: str, **kw: Any) -> httpx.Response:
+    return httpx.post(url, **{"timeout": 60, **kw})  # a first request may load the model
+
+
+def get(url: str, **kw: Any) -> httpx.Response:
+    return httpx.get(url, **{"timeout": 60, **kw})
+
+
+def options(url: str, **kw: Any) -> httpx.Response:
+    return httpx.options(url, **{"timeout": 60, **kw})
+
+
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
@@ -54,13 +66,13 @@ def team(key_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
 
 
 def test_no_key_is_401_in_each_dialect(team: ServerThread) -> None:
-    r = httpx.post(team.url + "/v1/chat/completions", json=CHAT)
+    r = post(team.url + "/v1/chat/completions", json=CHAT)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    r = httpx.get(team.url + "/api/tags", headers=bearer("sk-wrong"))
+    r = get(team.url + "/api/tags", headers=bearer("sk-wrong"))
     assert r.status_code == 401 and isinstance(r.json()["error"], str)  # Ollama's shape
-    r = httpx.get(team.url + "/admin/models")
+    r = get(team.url + "/admin/models")
     assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error"
-    assert httpx.get(team.url + "/health").status_code == 200  # stays open
+    assert get(team.url + "/health").status_code == 200  # stays open
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=team.url + "/v1", api_key="sk-wrong", max_retries=0).models.list()
     with pytest.raises(ollama.ResponseError) as e:
@@ -72,7 +84,7 @@ def test_an_inference_key_serves_but_gets_403_on_admin_routes(team: ServerThread
     client = openai.OpenAI(base_url=team.url + "/v1", api_key=INFER, max_retries=0)
     out = client.chat.completions.create(**CHAT)
     assert out.choices[0].message.content is not None
-    r = httpx.get(team.url + "/admin/models", headers=bearer(INFER))
+    r = get(team.url + "/admin/models", headers=bearer(INFER))
     assert r.status_code == 403
     err = r.json()["error"]
     assert err["type"] == "permission_error" and err["code"] == "insufficient_scope"
@@ -86,17 +98,17 @@ def test_an_inference_key_serves_but_gets_403_on_admin_routes(team: ServerThread
         with pytest.raises(ollama.ResponseError) as e:
             call()
         assert e.value.status_code == 403 and "admin key" in e.value.error
-    r = httpx.get(team.url + "/metrics")
+    r = get(team.url + "/metrics")
     assert r.status_code == 401  # keyed unless metrics_public
-    assert httpx.get(team.url + "/metrics", headers=bearer(INFER)).status_code == 200
+    assert get(team.url + "/metrics", headers=bearer(INFER)).status_code == 200
 
 
 def test_the_admin_key_reaches_everything(team: ServerThread) -> None:
-    r = httpx.get(team.url + "/admin/models", headers={"X-API-Key": ADMIN})
+    r = get(team.url + "/admin/models", headers={"X-API-Key": ADMIN})
     assert r.status_code == 200 and r.json()["models"]
-    r = httpx.post(team.url + "/admin/rescan", headers=bearer(ADMIN))
+    r = post(team.url + "/admin/rescan", headers=bearer(ADMIN))
     assert r.status_code == 200
-    r = httpx.post(team.url + "/v1/chat/completions", json=CHAT, headers=bearer(ADMIN))
+    r = post(team.url + "/v1/chat/completions", json=CHAT, headers=bearer(ADMIN))
     assert r.status_code == 200
 
 
@@ -105,13 +117,13 @@ def test_key_names_reach_the_log_and_metrics_but_keys_never_do(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     for key in (INFER, ADMIN):
-        r = httpx.post(team.url + "/v1/chat/completions", json=CHAT, headers=bearer(key))
+        r = post(team.url + "/v1/chat/completions", json=CHAT, headers=bearer(key))
         assert r.status_code == 200
-    httpx.get(team.url + "/admin/models", headers=bearer(INFER))  # a 403, recorded too
+    get(team.url + "/admin/models", headers=bearer(INFER))  # a 403, recorded too
     rt: Runtime = team.server.rt
     names = {(r.key, r.status) for r in rt.requests.recent()}
     assert {("alice", 200), ("admin", 200), ("alice", 403)} <= names
-    metrics = httpx.get(team.url + "/metrics", headers=bearer(ADMIN)).text
+    metrics = get(team.url + "/metrics", headers=bearer(ADMIN)).text
     assert f'lmx_requests_total{{key="alice",model="{MODEL}",status="200"}}' in metrics
     assert 'lmx_requests_total{key="alice",model="",status="403"}' in metrics
     everything = caplog.text + metrics + repr(rt.settings) + repr(rt.keys.all())
@@ -122,8 +134,8 @@ def test_one_api_key_alone_still_grants_everything() -> None:
     rt = Runtime(make_config(api_key="solo"))
     try:
         with ServerThread(rt) as srv:
-            assert httpx.get(srv.url + "/admin/models", headers=bearer("solo")).status_code == 200
-            assert httpx.get(srv.url + "/admin/models").status_code == 401
+            assert get(srv.url + "/admin/models", headers=bearer("solo")).status_code == 200
+            assert get(srv.url + "/admin/models").status_code == 401
     finally:
         rt.close()
 
@@ -132,28 +144,26 @@ def test_metrics_can_be_public() -> None:
     rt = Runtime(make_config(api_key="k", metrics_public=True))
     try:
         with ServerThread(rt) as srv:
-            assert httpx.get(srv.url + "/metrics").status_code == 200
-            assert httpx.get(srv.url + "/v1/models").status_code == 401
+            assert get(srv.url + "/metrics").status_code == 200
+            assert get(srv.url + "/v1/models").status_code == 401
     finally:
         rt.close()
 
 
 def test_the_key_file_is_read_again_when_it_changes(team: ServerThread, key_file: Path) -> None:
     new = "sk-new-5555"
-    r = httpx.get(team.url + "/v1/models", headers=bearer(new))
+    r = get(team.url + "/v1/models", headers=bearer(new))
     assert r.status_code == 401
     before = key_file.read_text()
     try:
         key_file.write_text(before + f"carol: {new} scope=admin\n")
-        wait_for(
-            lambda: httpx.get(team.url + "/admin/models", headers=bearer(new)).status_code == 200
-        )
+        wait_for(lambda: get(team.url + "/admin/models", headers=bearer(new)).status_code == 200)
         key_file.write_text("this line is not a key\n")  # a broken file: the old keys stay
-        r = httpx.get(team.url + "/admin/models", headers=bearer(new))
+        r = get(team.url + "/admin/models", headers=bearer(new))
         assert r.status_code == 200
     finally:
         key_file.write_text(before)
-    wait_for(lambda: httpx.get(team.url + "/v1/models", headers=bearer(new)).status_code == 401)
+    wait_for(lambda: get(team.url + "/v1/models", headers=bearer(new)).status_code == 401)
 
 
 def test_a_public_bind_counts_an_admin_key_or_key_file(key_file: Path) -> None:
@@ -209,11 +219,11 @@ def test_a_keys_concurrency_limit_is_429_with_retry_after(team: ServerThread) ->
     bot = next(k for k in rt.keys.all() if k.name == "bot")
     s = Stream(team.url, BOT)
     try:
-        r = httpx.post(team.url + "/v1/chat/completions", json=CHAT, headers=bearer(BOT))
+        r = post(team.url + "/v1/chat/completions", json=CHAT, headers=bearer(BOT))
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         err = r.json()["error"]
         assert err["type"] == "rate_limit_error" and "'bot'" in err["message"]
-        r = httpx.post(
+        r = post(
             team.url + "/api/chat",
             json={**CHAT, "stream": False},
             headers=bearer(BOT),
@@ -225,22 +235,22 @@ def test_a_keys_concurrency_limit_is_429_with_retry_after(team: ServerThread) ->
                 model=MODEL, input="x"
             )
         # Other keys are not held back by the bot's limit.
-        r = httpx.post(team.url + "/v1/chat/completions", json=CHAT, headers=bearer(INFER))
+        r = post(team.url + "/v1/chat/completions", json=CHAT, headers=bearer(INFER))
         assert r.status_code == 200
     finally:
         s.drop()  # a client that goes away mid-stream gives its place back
     wait_for(lambda: bot.counter.active == 0)
-    r = httpx.post(team.url + "/v1/chat/completions", json=CHAT, headers=bearer(BOT))
+    r = post(team.url + "/v1/chat/completions", json=CHAT, headers=bearer(BOT))
     assert r.status_code == 200
 
 
 def test_a_keys_max_tokens_cap(team: ServerThread) -> None:
-    r = httpx.post(
+    r = post(
         team.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 50}, headers=bearer(CAPPED)
     )
     assert r.status_code == 429 and r.headers["retry-after"]
     assert r.json()["error"]["param"] == "max_tokens" and "at most 6" in r.text
-    r = httpx.post(
+    r = post(
         team.url + "/api/generate",
         json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 50}},
         headers=bearer(CAPPED),
@@ -248,7 +258,7 @@ def test_a_keys_max_tokens_cap(team: ServerThread) -> None:
     assert r.status_code == 429 and "at most 6" in r.json()["error"]
     body = {**CHAT, "ignore_eos": True}
     del body["max_tokens"]  # unset: the cap applies
-    r = httpx.post(team.url + "/v1/chat/completions", json=body, headers=bearer(CAPPED))
+    r = post(team.url + "/v1/chat/completions", json=body, headers=bearer(CAPPED))
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
 
 
@@ -257,28 +267,24 @@ def test_a_keys_max_tokens_cap(team: ServerThread) -> None:
 
 def test_cors_is_off_by_default_and_allows_only_named_origins(server: ServerThread) -> None:
     pre = {"Origin": "http://ui.test", "Access-Control-Request-Method": "POST"}
-    r = httpx.options(server.url + "/v1/chat/completions", headers=pre)
+    r = options(server.url + "/v1/chat/completions", headers=pre)
     assert "access-control-allow-origin" not in r.headers
-    r = httpx.get(server.url + "/v1/models", headers={"Origin": "http://ui.test"})
+    r = get(server.url + "/v1/models", headers={"Origin": "http://ui.test"})
     assert "access-control-allow-origin" not in r.headers
     rt = Runtime(make_config(api_key="k", cors_origins=["http://ui.test"]))
     try:
         with ServerThread(rt) as srv:
-            r = httpx.options(
+            r = options(
                 srv.url + "/v1/chat/completions",
                 headers={**pre, "Access-Control-Request-Headers": "authorization,content-type"},
             )
             assert r.status_code == 204
             assert r.headers["access-control-allow-origin"] == "http://ui.test"
             assert "authorization" in r.headers["access-control-allow-headers"].lower()
-            r = httpx.get(
-                srv.url + "/v1/models", headers={"Origin": "http://ui.test", **bearer("k")}
-            )
+            r = get(srv.url + "/v1/models", headers={"Origin": "http://ui.test", **bearer("k")})
             assert r.status_code == 200
             assert r.headers["access-control-allow-origin"] == "http://ui.test"
-            r = httpx.get(
-                srv.url + "/v1/models", headers={"Origin": "http://evil.test", **bearer("k")}
-            )
+            r = get(srv.url + "/v1/models", headers={"Origin": "http://evil.test", **bearer("k")})
             assert "access-control-allow-origin" not in r.headers
     finally:
         rt.close()
@@ -324,24 +330,36 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
 def test_https_with_a_self_signed_certificate(tmp_path: Path) -> None:
     import ssl
 
+    from tests.test_cli import lmx
+
     cert, key = self_signed(tmp_path)
-    rt = Runtime(make_config(tls_cert=cert, tls_key=key))
+    rt = Runtime(make_config(tls_cert=cert, tls_key=key, admin_key=ADMIN))
     try:
         with ServerThread(rt) as srv:
             assert srv.url.startswith("https://127.0.0.1:")
             trust = ssl.create_default_context(cafile=str(cert))
-            assert httpx.get(srv.url + "/health", verify=trust).status_code == 200
+            assert get(srv.url + "/health", verify=trust).status_code == 200
             with pytest.raises(httpx.ConnectError):  # an untrusted certificate is refused
-                httpx.get(srv.url + "/health")
+                get(srv.url + "/health")
             with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
-                httpx.get(srv.url.replace("https", "http") + "/health")
+                get(srv.url.replace("https", "http") + "/health")
             client = openai.OpenAI(
                 base_url=srv.url + "/v1",
-                api_key="unused",
+                api_key=ADMIN,
                 max_retries=0,
                 http_client=httpx.Client(verify=trust),
             )
             assert client.chat.completions.create(**CHAT).choices[0].message.content is not None
+            # The CLI finds it over HTTPS with the same settings (and the admin key).
+            env = {
+                "LMX_HOST": f"127.0.0.1:{srv.port}",
+                "LMX_TLS_CERT": str(cert),
+                "LMX_TLS_KEY": str(key),
+                "LMX_ADMIN_KEY": ADMIN,
+            }
+            ps = lmx("ps", env=env)
+            assert ps.returncode == 0 and ps.stdout.startswith("ID"), ps.stderr
+            assert MODEL in ps.stdout
     finally:
         rt.close()
 
@@ -395,13 +413,13 @@ def test_escape_sequences_in_metadata_and_file_names_are_removed(tmp_path: Path)
     rt = Runtime(make_config(model_dirs=[tmp_path], include_default_model=False))
     try:
         with ServerThread(rt) as srv:
-            models = httpx.get(srv.url + "/v1/models").json()["data"]
+            models = get(srv.url + "/v1/models").json()["data"]
             assert [m["id"] for m in models] == ["tricky"]
             assert models[0]["lmx"]["architecture"] == "llama"
-            show = httpx.post(srv.url + "/api/show", json={"model": "tricky"}).json()
+            show = post(srv.url + "/api/show", json={"model": "tricky"}).json()
             assert show["model_info"]["general.name"] == "Nice Model"
             assert show["template"] == "{{ messages }}\n\t{{ x }}"  # newlines kept
-            text = httpx.get(srv.url + "/v1/models").text + str(show)
+            text = get(srv.url + "/v1/models").text + str(show)
             assert "\x1b" not in text and "\x9b" not in text
     finally:
         rt.close()
@@ -418,18 +436,16 @@ def test_a_template_that_breaks_the_sandbox_is_marked_broken(tmp_path: Path) -> 
     rt = Runtime(make_config(path=config))
     try:
         with ServerThread(rt) as srv:
-            r = httpx.post(srv.url + "/v1/chat/completions", json=CHAT)
+            r = post(srv.url + "/v1/chat/completions", json=CHAT)
             assert r.status_code == 422 and r.json()["error"]["code"] == "template_error"
-            r = httpx.post(srv.url + "/api/chat", json={**CHAT, "stream": False})
+            r = post(srv.url + "/api/chat", json={**CHAT, "stream": False})
             assert r.status_code == 422 and "chat template" in r.json()["error"]
-            m = next(
-                m for m in httpx.get(srv.url + "/admin/models").json()["models"] if m["id"] == MODEL
-            )
+            m = next(m for m in get(srv.url + "/admin/models").json()["models"] if m["id"] == MODEL)
             assert "SecurityError" in m["template_error"]
             ls = lmx("ls", env={"LMX_HOST": srv.url})
             assert ls.returncode == 0 and f"{MODEL}: chat template broken" in ls.stdout
             # Plain completions do not use the template and still work.
-            r = httpx.post(
+            r = post(
                 srv.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2}
             )
             assert r.status_code == 200
