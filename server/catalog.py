@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -44,7 +45,12 @@ class Catalog:
         self._discover_files = discover_files
         self._lock = threading.Lock()
         self._models: dict[str, ModelInfo] = {}
+        self._stamps: dict[str, FileStamp] = {}  # model id -> its file as last read
+        self._broken: dict[str, str] = {}  # model id -> why its chat template is broken
         self._digests = DigestCache(state_dir() / "digests.json")
+        # Whether a model is loaded (the runtime points it at the scheduler): a loaded model's
+        # file may change under it; the catalog follows only once it is unloaded.
+        self.in_use: Callable[[str], bool] = lambda model_id: False
         self.refresh()
 
     @property
@@ -67,13 +73,54 @@ class Catalog:
             )
         for source in self._sources:
             found += source()
+        stamps = {m.id: st for m in found if m.format == "gguf" and (st := file_stamp(m.path))}
         with self._lock:
+            before, old_stamps = dict(self._models), dict(self._stamps)
+        ids = {m.id for m in found}
+        for mid, old in before.items():  # in_use() asks the scheduler: not under our lock
+            if mid not in ids and self.in_use(mid):
+                # Deleted while loaded: it serves from memory until unloaded, so it stays
+                # listed (with its old file's stamp) until then.
+                found.append(old)
+                if mid in old_stamps:
+                    stamps[mid] = old_stamps[mid]
+        with self._lock:
+            for mid in list(self._broken):
+                if stamps.get(mid) != self._stamps.get(mid):
+                    del self._broken[mid]  # a new file: its template gets a fresh chance
             self._models = {m.id: m for m in found}
+            self._stamps = stamps
         return found
 
+    def _rescan_if_changed(self) -> None:
+        """Rescan when a model file was deleted or replaced since it was read (the loaded copy,
+        mapped in memory, keeps serving until it is unloaded; the next load reads the new one)."""
+        with self._lock:
+            known = list(self._stamps.items())
+            paths = {m.id: m.path for m in self._models.values()}
+        changed = [mid for mid, st in known if mid in paths and file_stamp(paths[mid]) != st]
+        if any(not self.in_use(mid) for mid in changed):
+            log.info("a model file changed on disk; rescanning")
+            self.refresh()
+
     def models(self) -> list[ModelInfo]:
+        self._rescan_if_changed()
         with self._lock:
             return list(self._models.values())
+
+    def mark_broken(self, model_id: str, reason: str) -> None:
+        """Mark a model's chat template broken (it failed, ran too long or wrote too much);
+        shown by `lmx ls`, the admin API and the TUI until the file changes."""
+        with self._lock:
+            first = model_id not in self._broken
+            self._broken[model_id] = reason
+        if first:
+            log.warning("the chat template of %s is broken: %s", model_id, reason)
+
+    def broken(self, model_id: str) -> str | None:
+        """Why the model's chat template is marked broken, or None."""
+        with self._lock:
+            return self._broken.get(model_id)
 
     def get(self, model_id: str) -> ModelInfo | None:
         with self._lock:
@@ -81,6 +128,7 @@ class Catalog:
 
     def resolve(self, name: str) -> ModelInfo:
         """The model a user-supplied name (id, alias, unique prefix, `name:tag`) refers to."""
+        self._rescan_if_changed()
         with self._lock:
             models = dict(self._models)
         name = self.settings.aliases.get(name.strip().lower(), name)
@@ -123,6 +171,18 @@ class Catalog:
         if m:
             return m.group(1)
         return self._digests.get(blob)
+
+
+FileStamp = tuple[int, int, int]
+
+
+def file_stamp(path: Path) -> FileStamp | None:
+    """What identifies a file's content cheaply: (inode, size, mtime); None when it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class DigestCache:

@@ -46,12 +46,16 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
         if s.flag is None:
             continue
         kw: dict[str, Any] = {"dest": s.name, "help": s.help, "default": None}
-        if s.kind == "paths":
-            kw.update(action="append", metavar="DIR")
+        if s.kind in ("paths", "strs"):
+            kw.update(action="append", metavar="DIR" if s.kind == "paths" else "ORIGIN")
         else:
-            kw["metavar"] = {"int": "N", "float": "N", "duration": "DURATION", "size": "SIZE"}.get(
-                s.kind, "VALUE"
-            )
+            kw["metavar"] = {
+                "int": "N",
+                "float": "N",
+                "duration": "DURATION",
+                "size": "SIZE",
+                "path": "FILE",
+            }.get(s.kind, "VALUE")
         p.add_argument(s.flag, **kw)
 
 
@@ -231,6 +235,8 @@ def cmd_ls(
                 (m["id"], "-", "-", "-", human_size(m["size_bytes"]), "-", m["source"], "unusable")
             )
             notes.append(f"  {m['id']}: unusable: {m['error']} ({m['path']})")
+        if m.get("template_error"):
+            notes.append(f"  {m['id']}: chat template broken: {m['template_error']}")
     _table(rows)
     if notes:
         print("\n" + "\n".join(notes))
@@ -250,6 +256,7 @@ _DESCRIBE_KEYS = (
     "context_length",
     "aliases",
     "state",
+    "template_error",
 )
 
 
@@ -495,16 +502,21 @@ def cmd_rm(config: ConfigStore, model: str) -> None:
 
 
 def cmd_serve(config: ConfigStore, log_level: str) -> None:
-    from server.runner import address, bind_socket, make_server
+    from server.runner import address, bind_socket, check_tls, make_server, scheme
     from server.runtime import Runtime
 
     settings = config.current
     refusal = settings.bind_refusal()
     if refusal:
         raise CliError(refusal)
+    check_tls(settings)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     sock = bind_socket(settings.host, settings.port)
-    rt = Runtime(config)
+    try:
+        rt = Runtime(config)
+    except BaseException:
+        sock.close()
+        raise
     server = make_server(rt, log_level=log_level)
     host, port = address(sock)
     usable = [m for m in rt.catalog.models() if m.usable]
@@ -512,7 +524,7 @@ def cmd_serve(config: ConfigStore, log_level: str) -> None:
     def announce() -> None:
         print(
             f"lmx {__version__}: {len(usable)} models available; serving on "
-            f"http://{host}:{port} (OpenAI API at /v1)",
+            f"{scheme(settings)}://{host}:{port} (OpenAI API at /v1)",
             flush=True,
         )
 
@@ -523,6 +535,13 @@ def cmd_serve(config: ConfigStore, log_level: str) -> None:
         lambda *_: threading.Thread(target=rt.reload_config, name="lmx-sighup").start(),
     )
     rt.watch_config()
+
+    def terminated(*_: Any) -> None:
+        raise SystemExit(0)
+
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again under the handler that was
+    # there before: this one, so the `finally` below still unloads the models and exits 0.
+    signal.signal(signal.SIGTERM, terminated)
     server.on_started = announce  # only once the socket serves and every handler is in place
     try:
         server.run(sockets=[sock])

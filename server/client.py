@@ -6,14 +6,16 @@ from the config and flags, default 127.0.0.1:8421) when one is there and is lmx.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
 from server.errors import LmxError
-from server.settings import Settings, is_loopback
+from server.settings import Settings
 
 PROBE_SECONDS = 1.0
 
@@ -28,16 +30,33 @@ def base_url(settings: Settings) -> str:
         host = "127.0.0.1"  # a wildcard bind is reached on loopback
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{settings.port}"
+    scheme = "https" if settings.tls_cert is not None else "http"
+    return f"{scheme}://{host}:{settings.port}"
+
+
+def _verify(settings: Settings) -> ssl.SSLContext | bool:
+    """Trust the server's own certificate (often self-signed) besides the system's CAs."""
+    if settings.tls_cert is None:
+        return True
+    ctx = ssl.create_default_context()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        ctx.load_verify_locations(cafile=str(settings.tls_cert))
+    return ctx
 
 
 class LmxClient:
     """The HTTP calls the CLI makes, with errors turned into one-line `ServerError`s."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 600) -> None:
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout: float = 600,
+        verify: ssl.SSLContext | bool = True,
+    ) -> None:
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=verify)
 
     def close(self) -> None:
         self.http.close()
@@ -104,12 +123,13 @@ def _error_text(body: bytes, status: int) -> str:
 def find_server(settings: Settings) -> LmxClient | None:
     """A client of the lmx server at the configured address, or None when none answers."""
     url = base_url(settings)
+    verify = _verify(settings)
     try:
-        r = httpx.get(url + "/health", timeout=PROBE_SECONDS)
+        r = httpx.get(url + "/health", timeout=PROBE_SECONDS, verify=verify)
         ok = r.status_code == 200 and r.json().get("server") == "lmx"
     except (httpx.HTTPError, ValueError, AttributeError):
         return None
     if not ok:
         return None
-    key = settings.api_key if (settings.api_key or not is_loopback(settings.host)) else None
-    return LmxClient(url, key)
+    # `ls`, `ps`, `pull` and `rm` use the admin API: the admin key when there is one.
+    return LmxClient(url, settings.admin_key or settings.api_key, verify=verify)

@@ -9,6 +9,7 @@ class LmxError(Exception):
     status = 400
     type = "invalid_request_error"
     code: str | None = None
+    retry_after: int | None = None  # seconds, sent as Retry-After
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -76,6 +77,26 @@ class Unauthorized(LmxError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class Forbidden(LmxError):
+    """A valid key whose scope does not cover this route."""
+
+    status = 403
+    type = "permission_error"
+    code = "insufficient_scope"
+
+
+class RateLimited(LmxError):
+    """A key's own limit (requests at once, tokens per request) was reached."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "key_limit"
+
+    def __init__(self, message: str, *, retry_after: int = 1, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
 
 
 class ModelTooLarge(LmxError):

@@ -27,8 +27,9 @@ from server.engines.base import (
     SamplingParams,
     TokenText,
 )
-from server.errors import ContextOverflow, InvalidRequest, LmxError
+from server.errors import ChatTemplateBroken, ContextOverflow, InvalidRequest, LmxError, RateLimited
 from server.grammar import json_grammar
+from server.keys import ApiKey, Permit, current_key
 from server.scheduler import Lease, Scheduler
 from server.settings import PresetConfig
 from server.telemetry import RequestLog, RequestRecord
@@ -90,6 +91,9 @@ class GenerateRequest:
     label: str = "api"  # who asked: openai, ollama, tui, cli ... (request log, metrics)
     path: str = ""  # the route, for the request log
     param_prefix: str = ""  # how the dialect names sampling fields in errors ("options.")
+    # The API key that asked (its limits apply, its name is recorded); the HTTP guard sets it
+    # for the request being served, so no adapter has to pass it along.
+    key: ApiKey | None = field(default_factory=current_key.get)
 
 
 @dataclass(frozen=True)
@@ -144,8 +148,10 @@ class Run:
         prompts: list[list[int]],
         requests: list[GenerationRequest],
         started: float,
+        permit: Permit | None = None,
     ) -> None:
         self.service = service
+        self.permit = permit
         self.lease = lease
         self.request = request
         self.model_id = lease.model.info.id
@@ -165,6 +171,8 @@ class Run:
             for g in self._gens:
                 g.cancel()
             lease.release()
+            if permit is not None:
+                permit.release()
             raise
 
     def _sink(self, loop: asyncio.AbstractEventLoop, i: int) -> Any:
@@ -185,6 +193,11 @@ class Run:
                 if isinstance(ev, TokenText):
                     yield Delta(i, ev.text)
                 else:
+                    if ev.reason == "cancelled" and not self._closed:
+                        # Nobody here cancelled it: the model was unloaded or lmx is stopping.
+                        # The client gets an error in its dialect, not a quiet end.
+                        why = self.service.scheduler.why_stopped(self.model_id)
+                        ev = replace(ev, reason="error", error=why)
                     self.finished[i] = ev
                     yield Done(i, ev)
         finally:
@@ -225,6 +238,8 @@ class Run:
         for g in self._gens:
             g.cancel()
         self.lease.release()
+        if self.permit is not None:
+            self.permit.release()
         status = 200 if self.done else 499  # the client went away first
         if self.error is not None:
             status = 503
@@ -245,15 +260,28 @@ class GenerationService:
         target = self.catalog.target(req.model)
         req = apply_preset(req, target.preset)
         validate(req)
+        req = apply_key_cap(req)
         grammar = constraint_grammar(req)
-        lease = await asyncio.to_thread(self.scheduler.lease, target.info, req.keep_alive)
+        permit = req.key.enter() if req.key is not None else None
         try:
-            prompts = await asyncio.to_thread(render, lease.engine, req)
+            lease = await asyncio.to_thread(self.scheduler.lease, target.info, req.keep_alive)
+        except BaseException:
+            if permit is not None:
+                permit.release()
+            raise
+        try:
+            try:
+                prompts = await asyncio.to_thread(render, lease.engine, req)
+            except ChatTemplateBroken as e:
+                self.catalog.mark_broken(target.info.id, e.message)
+                raise
             gen_requests = build_requests(lease.engine, req, prompts, grammar)
         except BaseException:
             lease.release(req.keep_alive)
+            if permit is not None:
+                permit.release()
             raise
-        return Run(self, lease, req, prompts, gen_requests, started)
+        return Run(self, lease, req, prompts, gen_requests, started, permit)
 
     async def load(self, model: str, keep_alive: float | None = None) -> Lease:
         """Load (or keep loaded) without generating: Ollama's empty prompt, the TUI's `l`.
@@ -275,7 +303,14 @@ class GenerationService:
         if not texts:
             raise InvalidRequest("input is empty", param="input")
         info = self.catalog.target(model).info
-        lease = await asyncio.to_thread(self.scheduler.lease, info, keep_alive)
+        key = current_key.get()
+        permit = key.enter() if key is not None else None
+        try:
+            lease = await asyncio.to_thread(self.scheduler.lease, info, keep_alive)
+        except BaseException:
+            if permit is not None:
+                permit.release()
+            raise
         status, n = 500, 0
         try:
             vectors, n = await asyncio.to_thread(lease.engine.embed, texts)
@@ -285,6 +320,8 @@ class GenerationService:
             raise
         finally:
             lease.release()
+            if permit is not None:
+                permit.release()
             self.requests.record(
                 RequestRecord(
                     at=time.time(),
@@ -295,6 +332,7 @@ class GenerationService:
                     prompt_tokens=n,
                     latency_ms=(time.perf_counter() - started) * 1000,
                     source=label,
+                    key=key.name if key is not None else None,
                 )
             )
         return info.id, vectors, n
@@ -316,6 +354,7 @@ class GenerationService:
                 latency_ms=(time.perf_counter() - run.started) * 1000,
                 ttft_ms=min(ttfts) if ttfts else None,
                 source=run.request.label,
+                key=run.request.key.name if run.request.key is not None else None,
             )
         )
 
@@ -376,6 +415,24 @@ def validate(req: GenerateRequest) -> None:
         raise InvalidRequest("a request needs messages or a prompt.", param="messages")
     if req.prompts is not None and not req.prompts:
         raise InvalidRequest("prompt is empty.", param="prompt")
+
+
+def apply_key_cap(req: GenerateRequest) -> GenerateRequest:
+    """The key's max_tokens cap: a request that leaves max_tokens unset gets the cap; one that
+    asks for more is refused (429, as the key's other limit is)."""
+    cap = req.key.max_tokens if req.key is not None else None
+    if not cap:
+        return req
+    if req.max_tokens is None:
+        return replace(req, max_tokens=cap)
+    if req.max_tokens > cap:
+        assert req.key is not None
+        raise RateLimited(
+            f"The key '{req.key.name}' may generate at most {cap} tokens per request; this "
+            f"one asks for {req.max_tokens}. Lower max_tokens.",
+            param="max_tokens",
+        )
+    return req
 
 
 def constraint_grammar(req: GenerateRequest) -> str | None:

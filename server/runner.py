@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -13,6 +14,7 @@ import uvicorn
 
 from server.api.app import create_app
 from server.runtime import Runtime
+from server.settings import Settings
 
 GRACEFUL_SECONDS = 2
 
@@ -63,14 +65,41 @@ class LmxServer(uvicorn.Server):
         self.should_exit = True
 
 
+class TlsError(OSError):
+    """The certificate or its key cannot be used; the message says which and why."""
+
+
+def check_tls(settings: Settings) -> None:
+    """Load the certificate and key once before serving, so a bad pair is one clear line."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            settings.tls_cert, settings.tls_key
+        )
+    except (OSError, ssl.SSLError) as e:
+        reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)
+        raise TlsError(
+            f"cannot serve HTTPS with {settings.tls_cert} and {settings.tls_key}: {reason}"
+        ) from e
+
+
+def scheme(settings: Settings) -> str:
+    return "https" if settings.tls_cert is not None else "http"
+
+
 def make_server(rt: Runtime, *, log_level: str = "info") -> LmxServer:
     app = create_app(rt)
+    s = rt.settings
+    check_tls(s)
     config = uvicorn.Config(
         app,
         log_level=log_level,
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
         lifespan="on",
         access_log=log_level == "debug",
+        ssl_certfile=str(s.tls_cert) if s.tls_cert else None,
+        ssl_keyfile=str(s.tls_key) if s.tls_key else None,
     )
     return LmxServer(config, rt)
 
@@ -84,9 +113,14 @@ class ServerThread:
     """The same server on a worker thread; the caller owns the main thread (TUI, tests)."""
 
     def __init__(self, rt: Runtime, *, log_level: str = "warning"):
+        self.scheme = scheme(rt.settings)
         self.sock = bind_socket(rt.settings.host, rt.settings.port)
         self.host, self.port = address(self.sock)
-        self.server = make_server(rt, log_level=log_level)
+        try:
+            self.server = make_server(rt, log_level=log_level)
+        except BaseException:
+            self.sock.close()
+            raise
         self.error: BaseException | None = None
         self._started = threading.Event()
         self.server.on_started = self._started.set
@@ -95,7 +129,7 @@ class ServerThread:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def _run(self) -> None:
         try:

@@ -13,6 +13,7 @@ from server.downloads import Download, DownloadQueue
 from server.engines import EngineFactory, create_engine
 from server.errors import InvalidRequest
 from server.events import EventBus
+from server.keys import KeyStore
 from server.pipeline import GenerationService
 from server.scheduler import Clock, Scheduler
 from server.settings import ConfigError, ConfigStore, Settings, hf_cache_dir, state_dir
@@ -33,11 +34,13 @@ class Runtime:
     ) -> None:
         self.config = config if isinstance(config, ConfigStore) else ConfigStore.fixed(config)
         self.events = EventBus()
+        self.keys = KeyStore(self.config)  # a bad key file fails here, before anything loads
         self.requests = RequestLog()
         self.catalog = Catalog(self.config)
         self.scheduler = Scheduler(
             self.config, self.catalog, self.events, engine_factory=engine_factory, clock=clock
         )
+        self.catalog.in_use = lambda model_id: self.scheduler.get(model_id) is not None
         self.service = GenerationService(self.catalog, self.scheduler, self.requests)
         self._downloads: DownloadQueue | None = None
         self._lock = threading.Lock()

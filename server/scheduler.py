@@ -194,6 +194,8 @@ class Scheduler:
         self._loaded: dict[str, LoadedModel] = {}
         self._pins: set[str] = set()
         self._closed = False
+        self._shutting_down = False  # cancel_all() ran: lmx is stopping
+        self._cancels = 0  # cancel_all() calls so far
         self._thread: threading.Thread | None = None
         self._background = background  # False: the caller runs tick() (virtual-time tests)
         self._estimator = estimator or estimate_model
@@ -346,6 +348,7 @@ class Scheduler:
                     assert lm.engine is not None
                     unusable = (not lm.engine.alive) or (lm.stale and lm.leases == 0)
                     if not unusable:
+                        self._shutting_down = False  # serving again (the TUI, tests)
                         lm.leases += 1
                         lm.expires_at = None
                         lm.last_used = self.clock.now()
@@ -369,13 +372,17 @@ class Scheduler:
             self._load(placeholder)
             load_s = time.perf_counter() - t0
             with self._cond:
-                if self._loaded.get(info.id) is not placeholder:
-                    continue  # unloaded before we could take it
-                placeholder.leases += 1
-                placeholder.expires_at = None
-                placeholder.last_used = self.clock.now()
-                self._transition(placeholder, ModelState.BUSY)
-                lease = Lease(self, placeholder, load_s)
+                closed = self._closed
+            if closed:  # lmx began to stop during the load: nobody will unload it later
+                self._unload(placeholder, "unloaded")
+                raise EngineFailure("lmx is shutting down")
+            with self._cond:
+                if self._loaded.get(info.id) is not placeholder or placeholder.state not in (
+                    ModelState.READY,
+                    ModelState.BUSY,
+                ):
+                    continue  # unloaded (admin, shutdown) before we could use it
+                lease = Lease(self, placeholder, load_s)  # _load() counted this lease
                 lease.keep_alive = keep_alive
                 return lease
 
@@ -423,7 +430,12 @@ class Scheduler:
             lm.engine = engine
             lm.loaded_at = time.time()
             self._transition(lm, ModelState.READY)
-            lm.expires_at = self._deadline(self.keep_alive_for(info.id))
+            # The request that loaded it holds it from this instant: were it idle for a moment,
+            # another load waiting for room could evict it before its first token.
+            lm.leases += 1
+            lm.last_used = self.clock.now()
+            lm.expires_at = None
+            self._transition(lm, ModelState.BUSY)
             self._cond.notify_all()
         log.info("loaded %s in %.2fs", info.id, lm.load_seconds)
         self.events.publish("loaded", info.id, seconds=round(lm.load_seconds, 3))
@@ -442,7 +454,12 @@ class Scheduler:
                 param="model",
             )
         deadline = self.clock.now() + self.settings.load_timeout
+        cancels = self._cancels
         while True:
+            if self._cancels != cancels or self._closed:
+                # lmx is stopping: waiting out load_timeout would hold the shutdown up.
+                self.waiting.pop(info.id, None)
+                raise EngineFailure("lmx is shutting down")
             rivals = self.group_rivals(info.id)
             if rivals and all(r.idle for r in rivals):
                 for r in rivals:
@@ -475,7 +492,9 @@ class Scheduler:
                         f"within {self.settings.load_timeout:.0f}s. Retry later.",
                         param="model",
                     )
-                self.clock.wait(self._cond, left)
+                # A busy model turns idle when its engine finishes the last step, which no
+                # one announces (a dropped stream releases its lease before that): poll.
+                self.clock.wait(self._cond, min(left, 0.5))
 
     # ----- unloading -----------------------------------------------------------------------
 
@@ -498,6 +517,8 @@ class Scheduler:
                 ModelState.BUSY,
             ):
                 return False
+            if reason in ("evicted", "expired") and not lm.idle:
+                return False  # leased since it was chosen: a model in use is never evicted
             self._transition(lm, ModelState.UNLOADING)
         try:
             if lm.engine is not None:
@@ -521,8 +542,22 @@ class Scheduler:
         log.error("%s failed: %s", lm.info.id, reason)
         self.events.publish("engine_failed", lm.info.id, error=reason)
 
+    def why_stopped(self, model_id: str) -> str:
+        """Why a generation on `model_id` was cancelled by lmx rather than by its client."""
+        with self._cond:
+            if self._closed or self._shutting_down:
+                return "lmx is shutting down; the generation was stopped"
+            lm = self._loaded.get(model_id)
+            if lm is None or lm.state in (ModelState.UNLOADING, ModelState.STOPPED):
+                return f"the model '{model_id}' was unloaded while generating"
+        return f"the generation on '{model_id}' was stopped by the server"
+
     def cancel_all(self) -> None:
         """Stop every generation in flight (shutdown)."""
+        with self._cond:
+            self._shutting_down = True
+            self._cancels += 1  # loads waiting for room give up (see _make_room)
+            self._cond.notify_all()
         for lm in self.loaded():
             if lm.engine is not None:
                 lm.engine.cancel_all()
@@ -625,6 +660,14 @@ class Scheduler:
             self._closed = True
             self._cond.notify_all()
             thread = self._thread
+            # A load in flight (a SIGTERM mid-load) finishes first; its lease() sees `_closed`
+            # and unloads it, so no model is left mapped as the process exits.
+            deadline = time.monotonic() + 60
+            while any(lm.state == ModelState.LOADING for lm in self._loaded.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 1.0))
         for lm in list(self._loaded.values()):
             with contextlib.suppress(Exception):
                 self._unload(lm, "unloaded")

@@ -22,7 +22,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 8421
 DEFAULT_CONFIG = Path("~/.config/lmx/config.toml")
 
-Kind = Literal["int", "float", "str", "bool", "duration", "size", "paths"]
+Kind = Literal["int", "float", "str", "bool", "duration", "size", "paths", "strs", "path"]
 Reload = Literal["live", "model", "restart"]
 
 
@@ -110,6 +110,17 @@ def _parse(kind: Kind, value: Any) -> Any:
         if not isinstance(items, list) or not all(isinstance(p, (str, Path)) for p in items):
             raise ValueError(f"expected a list of folders, got {value!r}")
         return tuple(Path(p).expanduser() for p in items if str(p))
+    if kind == "strs":
+        items = value.split(",") if text else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+            raise ValueError(f"expected a list of strings, got {value!r}")
+        return tuple(x.strip() for x in items if x.strip())
+    if kind == "path":
+        if isinstance(value, Path):
+            return value
+        if not text or not value:
+            raise ValueError(f"expected a file path, got {value!r}")
+        return Path(value).expanduser()
     raise AssertionError(kind)
 
 
@@ -158,6 +169,48 @@ SETTINGS: tuple[Setting, ...] = (
         "--api-key",
         secret=True,
     ),
+    Setting(
+        "admin_key",
+        "str",
+        "a key for everything, /admin, pulls and deletes included (--api-key: inference only)",
+        "--admin-key",
+        secret=True,
+    ),
+    Setting(
+        "api_key_file",
+        "path",
+        "a file of named keys, 'name: key [scope=admin] [max_concurrent=N] [max_tokens=N]' "
+        "per line, re-read when it changes",
+        "--api-key-file",
+    ),
+    Setting(
+        "key_max_concurrent",
+        "int",
+        "requests one key may run at once, for keys without their own limit (0: no limit)",
+        "--key-max-concurrent",
+        low=0,
+    ),
+    Setting(
+        "key_max_tokens",
+        "int",
+        "most tokens one request of a key may generate, for keys without their own (0: no cap)",
+        "--key-max-tokens",
+        low=0,
+    ),
+    Setting(
+        "metrics_public",
+        "bool",
+        "serve /metrics without a key (default false: any valid key)",
+    ),
+    Setting(
+        "cors_origins",
+        "strs",
+        "let a web page from ORIGIN call the API from a browser (repeatable; off by default)",
+        "--cors-origin",
+        "restart",
+    ),
+    Setting("tls_cert", "path", "serve HTTPS with this certificate (PEM)", "--tls-cert", "restart"),
+    Setting("tls_key", "path", "the private key of --tls-cert (PEM)", "--tls-key", "restart"),
     Setting(
         "model_dirs", "paths", "folder searched recursively for models (repeatable)", "--model-dir"
     ),
@@ -259,11 +312,21 @@ class PresetConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stop: list[str] | None = None
 
 
+class KeyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`[keys.NAME]`: the scope and limits of the key named NAME (`api`, `admin` or a name
+    in the key file)."""
+
+    scope: Literal["inference", "admin"] | None = None
+    max_concurrent: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
 class _Sections(msgspec.Struct, kw_only=True):
     models: dict[str, ModelConfig] = {}
     aliases: dict[str, str] = {}
     groups: dict[str, GroupConfig] = {}
     presets: dict[str, PresetConfig] = {}
+    keys: dict[str, KeyConfig] = {}
 
 
 @dataclass(frozen=True)
@@ -272,7 +335,15 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    admin_key: str | None = field(default=None, repr=False)
+    api_key_file: Path | None = None
+    key_max_concurrent: int = 0
+    key_max_tokens: int = 0
+    metrics_public: bool = False
+    cors_origins: tuple[str, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     model_dirs: tuple[Path, ...] = ()
     ctx: int = 4096
     parallel: int = 4
@@ -290,6 +361,7 @@ class Settings:
     aliases: Mapping[str, str] = field(default_factory=dict)
     groups: Mapping[str, GroupConfig] = field(default_factory=dict)
     presets: Mapping[str, PresetConfig] = field(default_factory=dict)
+    keys: Mapping[str, KeyConfig] = field(default_factory=dict)
     config_path: Path | None = None
     # Not user settings: where to look, for tests and embedding (never from file/env/flags).
     include_default_model: bool = True
@@ -310,12 +382,16 @@ class Settings:
 
     def bind_refusal(self) -> str | None:
         """Why binding `host` is refused, or None when it is allowed."""
-        if self.api_key or is_loopback(self.host):
+        if self.tls_cert is None and self.tls_key is not None:
+            return "--tls-key needs --tls-cert (the certificate it belongs to)"
+        if self.tls_cert is not None and self.tls_key is None:
+            return "--tls-cert needs --tls-key (the certificate's private key)"
+        if self.api_key or self.admin_key or self.api_key_file or is_loopback(self.host):
             return None
         return (
             f"refusing to listen on {self.host} without an API key: anyone who can reach this "
             "machine could use its models. Pass --api-key KEY (or set LMX_API_KEY), "
-            "or use --host 127.0.0.1."
+            "--admin-key KEY or --api-key-file FILE, or use --host 127.0.0.1."
         )
 
 
@@ -344,7 +420,7 @@ def build_settings(
             v = s.parse(raw)
         except ValueError as e:
             raise ConfigError(f"environment {s.env}: {e}") from e
-        values[s.name] = values.get(s.name, ()) + v if s.kind == "paths" else v
+        values[s.name] = values.get(s.name, ()) + v if s.kind in ("paths", "strs") else v
     _host_env(env, values)
     known = _field_names()
     for name, raw in (flags or {}).items():
@@ -360,13 +436,14 @@ def build_settings(
             v = setting.parse(raw)
         except ValueError as e:
             raise ConfigError(f"{setting.flag or setting.name}: {e}") from e
-        values[name] = values.get(name, ()) + v if setting.kind == "paths" else v
+        values[name] = values.get(name, ()) + v if setting.kind in ("paths", "strs") else v
     out = Settings(
         **values,
         models={k.lower(): v for k, v in sections.models.items()},
         aliases={k.lower(): v for k, v in sections.aliases.items()},
         groups=dict(sections.groups),
         presets={k.lower(): v for k, v in sections.presets.items()},
+        keys=dict(sections.keys),
         config_path=path,
     )
     return out
@@ -489,7 +566,7 @@ class ConfigStore:
         store._flags = {
             f.name: getattr(settings, f.name)
             for f in dataclasses.fields(Settings)
-            if f.name not in ("models", "aliases", "groups", "presets", "config_path")
+            if f.name not in ("models", "aliases", "groups", "presets", "keys", "config_path")
             and getattr(settings, f.name) != f.default
         }
         store._env = {}

@@ -219,7 +219,7 @@ def test_cli_talks_to_the_running_server() -> None:
         assert row.startswith(MODEL) and "ready" in row and "0/4 busy" in row and "m" in row
         assert MODEL in httpx.get(srv.url + "/health").json()["models_loaded"]
         metrics = httpx.get(srv.url + "/metrics").text
-        assert f'lmx_requests_total{{model="{MODEL}",status="200"}} 1.0' in metrics
+        assert f'lmx_requests_total{{key="",model="{MODEL}",status="200"}} 1.0' in metrics
         ls = lmx("ls", env=env)
         assert ls.returncode == 0 and re.search(rf"{re.escape(MODEL)}\s.*\sready", ls.stdout)
         r = lmx("stop", "smollm2", env=env)

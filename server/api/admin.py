@@ -43,6 +43,7 @@ def describe_model(rt: Runtime, info: ModelInfo) -> dict[str, Any]:
     lm = sched.get(info.id)
     out["state"] = sched.state_of(info.id)
     out["pinned"] = sched.is_pinned(info.id)
+    out["template_error"] = rt.catalog.broken(info.id)
     group = rt.catalog.group_of(info.id)
     out["group"] = group[0] if group else None
     if info.usable:
@@ -77,6 +78,7 @@ class AdminController(Controller):
     path = "/admin"
     tags = ["admin"]  # noqa: RUF012
     exception_handlers = OPENAI_ERRORS
+    opt = {"scope": "admin"}  # noqa: RUF012
 
     @get("/models")
     async def models(self, rt: NamedDependency[Runtime]) -> dict[str, Any]:
@@ -234,6 +236,7 @@ class AdminController(Controller):
                     "model": rec.model,
                     "path": rec.path,
                     "source": rec.source,
+                    "key": rec.key,
                     "status": rec.status,
                     "prompt_tokens": rec.prompt_tokens,
                     "completion_tokens": rec.completion_tokens,
@@ -290,10 +293,12 @@ class MetricsCollector:
         rt = self.rt
         counts, per = rt.requests.totals()
         requests = CounterMetricFamily(
-            "lmx_requests", "API requests by model and status", labels=["model", "status"]
+            "lmx_requests",
+            "API requests by model, status and API key name",
+            labels=["model", "status", "key"],
         )
-        for (m, status), n in sorted(counts.items()):
-            requests.add_metric([m, str(status)], n)
+        for (m, status, key), n in sorted(counts.items()):
+            requests.add_metric([m, str(status), key], n)
         yield requests
         prompt = CounterMetricFamily("lmx_prompt_tokens", "Prompt tokens", labels=["model"])
         cached = CounterMetricFamily(
@@ -361,7 +366,7 @@ def metrics_handler(rt: Runtime) -> Any:
     prom = CollectorRegistry(auto_describe=False)
     prom.register(MetricsCollector(rt))
 
-    @get("/metrics", opt={"public": False}, tags=["lmx"], include_in_schema=True)
+    @get("/metrics", opt={"metrics": True}, tags=["lmx"], include_in_schema=True)
     async def metrics() -> Response[bytes]:
         body = await asyncio.to_thread(generate_latest, prom)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

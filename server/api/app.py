@@ -3,40 +3,38 @@ client's own shape through its own exception handlers."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any
 
 from litestar import Litestar, get
-from litestar.connection import ASGIConnection
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
-from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 
 from server import __version__
-from server.api.admin import AdminController, metrics_handler
+from server.api import ollama, schemas
+from server.api.admin import AdminController, DownloadBody, metrics_handler
+from server.api.auth import key_guard
 from server.api.errors import OPENAI_ERRORS
 from server.api.ollama import OllamaController
 from server.api.openai import OpenAIController
-from server.errors import Unauthorized
 from server.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-def _api_key_guard(rt: Runtime) -> Any:
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-        key = rt.settings.api_key
-        if not key or handler.opt.get("public"):
-            return
-        auth = connection.headers.get("authorization", "")
-        given = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-        given = given or connection.headers.get("x-api-key")
-        if not given or not hmac.compare_digest(given.encode(), key.encode()):
-            raise Unauthorized("Missing or invalid API key: send 'Authorization: Bearer <key>'.")
-
-    return guard
+def cors_config(origins: tuple[str, ...]) -> CORSConfig | None:
+    """Browsers on these origins may call the API (off when there are none)."""
+    if not origins:
+        return None
+    return CORSConfig(
+        allow_origins=list(origins),
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+        allow_headers=["authorization", "content-type", "x-api-key"],
+        expose_headers=["retry-after"],
+        max_age=600,
+    )
 
 
 @get("/health", opt={"public": True}, tags=["lmx"])
@@ -50,9 +48,24 @@ async def health(rt: NamedDependency[Runtime]) -> dict[str, Any]:
     }
 
 
+# Every request body, for the OpenAPI document's components.
+BODIES: list[type] = [
+    schemas.ChatCompletionRequest,
+    schemas.CompletionRequest,
+    schemas.EmbeddingRequest,
+    ollama.ChatBody,
+    ollama.GenerateBody,
+    ollama.EmbedBody,
+    ollama.EmbeddingsBody,
+    ollama.ModelBody,
+    ollama.PullBody,
+    DownloadBody,
+]
+
+
 def create_app(rt: Runtime) -> Litestar:
     """Build the HTTP app over `rt` (shared with the TUI when it runs)."""
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             health,
             OpenAIController,
@@ -61,7 +74,8 @@ def create_app(rt: Runtime) -> Litestar:
             metrics_handler(rt),
         ],
         dependencies={"rt": Provide(lambda: rt, use_cache=True, sync_to_thread=False)},
-        guards=[_api_key_guard(rt)],
+        guards=[key_guard(rt)],
+        cors_config=cors_config(rt.settings.cors_origins),
         # Routes no controller matched (404, 405) answer in OpenAI's shape.
         exception_handlers=OPENAI_ERRORS,
         state=State({"runtime": rt}),
@@ -69,3 +83,5 @@ def create_app(rt: Runtime) -> Litestar:
         request_max_body_size=32 * 1024 * 1024,
         debug=False,
     )
+    schemas.state_constraints(app.openapi_schema, BODIES)
+    return app

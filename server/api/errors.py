@@ -12,7 +12,8 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
 
-from server.errors import LmxError, QueueFull
+from server.errors import LmxError
+from server.keys import current_key
 from server.telemetry import RequestRecord
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,18 @@ def _record(request: Request[Any, Any, Any], status: int) -> None:
                 path=request.url.path,
                 model=None,
                 status=status,
+                key=key.name if (key := current_key.get()) is not None else None,
             )
         )
+
+
+# Plain words for fields whose schema is a pattern or a union (msgspec would quote a regex).
+FIELD_RULES = {
+    "keep_alive": "a duration such as 10m, 1h30m, 45s, 0 or -1 (seconds when a number)",
+    "input": "a non-empty string or a list of non-empty strings (token arrays are not supported)",
+    "prompt": "a non-empty string or a list of non-empty strings",
+    "logit_bias": "an object whose keys are token ids",
+}
 
 
 def describe_validation(exc: ValidationException) -> tuple[str, str | None]:
@@ -75,6 +86,9 @@ def describe_validation(exc: ValidationException) -> tuple[str, str | None]:
         if "malformed" in msg.lower():
             return f"Invalid JSON body: {msg}", None
         if key and key != "data":
+            field = str(key).split(".")[-1].split("[")[0]
+            if field in FIELD_RULES and ("regex" in msg or "Expected `str`" in msg):
+                return f"Invalid request: {key} must be {FIELD_RULES[field]}.", str(key)
             return f"Invalid request: {msg} (at '{key}')", str(key)
         return f"Invalid request: {msg}", None
     return str(exc.detail or "Invalid request"), None
@@ -97,7 +111,7 @@ def handlers(shape: Shape) -> ExceptionHandlersMap:
 
     def lmx_error(request: Request[Any, Any, Any], exc: LmxError) -> Response[Any]:
         _record(request, exc.status)
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else None
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
         return respond(exc.status, exc.message, exc.type, exc.code, exc.param, headers)
 
     def validation_error(

@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Controller, Response, delete, get, post
@@ -22,7 +22,15 @@ from msgspec import Meta
 from server import __version__
 from server.api.errors import OLLAMA_ERRORS
 from server.api.openai import keep_alive_value
-from server.api.schemas import Penalty, Probability, RepeatPenalty, Temperature, TopK
+from server.api.schemas import (
+    Duration,
+    NonEmpty,
+    Penalty,
+    Probability,
+    RepeatPenalty,
+    Temperature,
+    TopK,
+)
 from server.discovery import ModelInfo
 from server.engines.base import Finished
 from server.errors import EngineFailure, InvalidRequest, LmxError
@@ -55,13 +63,17 @@ class Message(msgspec.Struct, kw_only=True):
     images: list[str] | None = None
 
 
+# Ollama's `format`: "json", or a JSON schema the output must match.
+Format = Literal["json", ""] | dict[str, Any] | None
+
+
 class ChatBody(msgspec.Struct, kw_only=True):
     model: str
     messages: list[Message] = []
     stream: bool = True
-    format: str | dict[str, Any] | None = None
+    format: Format = None
     options: Options | None = None
-    keep_alive: str | int | float | None = None
+    keep_alive: Duration = None
     tools: list[dict[str, Any]] | None = None
 
 
@@ -71,22 +83,22 @@ class GenerateBody(msgspec.Struct, kw_only=True):
     system: str | None = None
     stream: bool = True
     raw: bool = False
-    format: str | dict[str, Any] | None = None
+    format: Format = None
     options: Options | None = None
-    keep_alive: str | int | float | None = None
+    keep_alive: Duration = None
     images: list[str] | None = None
 
 
 class EmbedBody(msgspec.Struct, kw_only=True):
     model: str
-    input: str | list[str]
-    keep_alive: str | int | float | None = None
+    input: NonEmpty | Annotated[list[NonEmpty], Meta(min_length=1)]
+    keep_alive: Duration = None
 
 
 class EmbeddingsBody(msgspec.Struct, kw_only=True):
     model: str
-    prompt: str
-    keep_alive: str | int | float | None = None
+    prompt: NonEmpty
+    keep_alive: Duration = None
 
 
 class ModelBody(msgspec.Struct, kw_only=True):
@@ -373,11 +385,11 @@ class OllamaController(Controller):
         )
         return {"embedding": vectors[0]}
 
-    @delete("/delete", status_code=200)
+    @delete("/delete", status_code=200, opt={"scope": "admin"})
     async def delete_(self, rt: NamedDependency[Runtime], data: JSONBody[ModelBody]) -> None:
         await asyncio.to_thread(rt.remove, data.which)
 
-    @post("/pull", status_code=200)
+    @post("/pull", status_code=200, opt={"scope": "admin"})
     async def pull(self, rt: NamedDependency[Runtime], data: JSONBody[PullBody]) -> Response[Any]:
         name = data.model or data.name or ""
         repo, _, quant = name.removeprefix("hf.co/").removeprefix("huggingface.co/").partition(":")

@@ -14,6 +14,17 @@ Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopK = Annotated[int, Meta(ge=0)]
 RepeatPenalty = Annotated[float, Meta(gt=0.0, le=10.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
+NonEmpty = Annotated[str, Meta(min_length=1)]
+# Ollama-style durations as server.settings.parse_duration reads them: 10m, 1h30m, 45s, -1.
+# Every part but the last has its unit, so the text splits one way only, as the parser reads it.
+_NUMBER = r"-?[0-9]+(\.[0-9]+)?"
+Duration = (
+    Annotated[str, Meta(pattern=rf"^({_NUMBER}(ms|s|m|h))*{_NUMBER}(ms|s|m|h)?$")]
+    | int
+    | float
+    | None
+)
+TokenId = Annotated[str, Meta(pattern=r"^-?[0-9]{1,9}$")]  # logit_bias keys
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
@@ -60,9 +71,9 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     n: Annotated[int, Meta(ge=1, le=16)] = 1
     logprobs: bool | None = None
-    logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
+    logit_bias: dict[TokenId, Annotated[float, Meta(ge=-100, le=100)]] | None = None
     ignore_eos: bool = False  # lmx/llama.cpp extension: always generate max_tokens
-    keep_alive: str | int | float | None = None  # lmx extension: as Ollama's keep_alive
+    keep_alive: Duration = None  # lmx extension: as Ollama's keep_alive
     user: str | None = None
 
 
@@ -81,7 +92,7 @@ class CompletionRequest(SamplingFields, kw_only=True):
     """POST /v1/completions."""
 
     model: str
-    prompt: str | Annotated[list[str], Meta(min_length=1)]
+    prompt: NonEmpty | Annotated[list[NonEmpty], Meta(min_length=1)]
     echo: bool = False
     response_format: ResponseFormat | None = None
 
@@ -90,8 +101,22 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     """POST /v1/embeddings: one input string or a list of them."""
 
     model: str
-    input: str | Annotated[list[Any], Meta(min_length=1)]
+    input: NonEmpty | Annotated[list[NonEmpty], Meta(min_length=1)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None
-    keep_alive: str | int | float | None = None
+    keep_alive: Duration = None
     user: str | None = None
+
+
+def state_constraints(openapi: Any, bodies: list[type]) -> None:
+    """Put msgspec's own JSON Schema of each request body into the OpenAPI document.
+
+    Litestar's generator drops some constraints msgspec enforces (a minimum of 0, anything
+    inside a union), so a schema fuzzer would send values that are then refused; msgspec's
+    schema states exactly what its decoder accepts."""
+    _, components = msgspec.json.schema_components(
+        bodies, ref_template="#/components/schemas/{name}"
+    )
+    schemas = openapi.components.schemas
+    for name, component in components.items():
+        schemas[name] = component  # plain dicts are written out as they are
