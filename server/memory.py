@@ -59,6 +59,10 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.weights + self.kv_cache + self.compute
 
+    def by_device(self) -> dict[str, int]:
+        """Bytes per device ("ram"; GPUs by index once offload is estimated)."""
+        return {"ram": self.total}
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "weights": self.weights,

@@ -14,8 +14,9 @@ from server.engines.llamacpp import LlamaCppEngine
 from server.engines.prefix_store import PrefixStore
 from server.gguf import read_gguf
 from server.memory import estimate
-from server.registry import Registry
-from tests.conftest import make_settings
+from server.runtime import Runtime
+from server.settings import ConfigError, build_settings, read_config
+from tests.conftest import make_config
 
 SMOL = "smollm2-135m-instruct.q4_1"
 MB = 2**20
@@ -167,7 +168,7 @@ def test_a_sliding_window_model_restores_whole_prefixes_only(
         engine.close()
 
 
-# ----- the registry: swaps, restarts, settings -------------------------------------------------
+# ----- the runtime: swaps, restarts, settings ------------------------------------------------
 
 
 @pytest.fixture
@@ -178,103 +179,119 @@ def two_models(tmp_path: Path, smollm2_path: Path) -> Path:
     return d
 
 
+def runtime(two_models: Path, **kw: object) -> Runtime:
+    # Spilled prefixes go to this test's own folder, never to one another test reads.
+    flags: dict[str, object] = {"ctx": 1024, "parallel": 2}
+    flags["prompt_cache_dir"] = two_models.parent / "prompt-cache"
+    return Runtime(make_config(model_dirs=[two_models], **(flags | kw)))
+
+
 @pytest.fixture
-def swap_registry(two_models: Path, tmp_path: Path) -> Iterator[Registry]:
-    reg = Registry(
-        make_settings(
-            model_dirs=[two_models],
-            ctx=1024,
-            parallel=2,
-            max_loaded_models=1,
-            prompt_cache_dir=tmp_path / "prompt-cache",
-        )
-    )
-    yield reg
-    reg.close()
+def swap_rt(two_models: Path, tmp_path: Path) -> Iterator[Runtime]:
+    rt = runtime(two_models, max_loaded_models=1, prompt_cache_dir=tmp_path / "prompt-cache")
+    yield rt
+    rt.close()
 
 
-def ask(reg: Registry, model: str, system: str, question: str) -> tuple[str, int, int]:
-    lm = reg.acquire(model)
-    try:
-        prompt = chat(lm.engine, system, question)
-        text, cached = greedy(lm.engine, prompt)
+def ask(rt: Runtime, model: str, system: str, question: str) -> tuple[str, int, int]:
+    with rt.scheduler.lease(rt.catalog.resolve(model)) as lease:
+        engine = lease.engine
+        assert isinstance(engine, LlamaCppEngine)
+        prompt = chat(engine, system, question)
+        text, cached = greedy(engine, prompt)
         return text, cached, len(prompt)
-    finally:
-        reg.release(lm)
 
 
-def test_swap_back_restores_the_prompt_instead_of_prefilling_it(
-    swap_registry: Registry,
-) -> None:
-    reg = swap_registry
+def test_swap_back_restores_the_prompt_instead_of_prefilling_it(swap_rt: Runtime) -> None:
+    rt = swap_rt
     system = agent_system(1, 40)
-    text, cached, n = ask(reg, SMOL, system, "Who are you?")
+    text, cached, n = ask(rt, SMOL, system, "Who are you?")
     assert cached == 0 and n > 400
-    _, other_cached, _ = ask(reg, "smol-copy", system, "Who are you?")
+    _, other_cached, _ = ask(rt, "smol-copy", system, "Who are you?")
     assert other_cached == 0  # another file: the first model's states are not its own
-    assert [lm.info.id for lm in reg.loaded()] == ["smol-copy"]  # the first was unloaded
-    again, cached, _ = ask(reg, SMOL, system, "Who are you?")
+    assert [lm.info.id for lm in rt.scheduler.loaded()] == ["smol-copy"]  # the first went
+    again, cached, _ = ask(rt, SMOL, system, "Who are you?")
     assert cached == n - 1 and again == text
-    st = reg.prompt_store.stats()
-    assert st.hits >= 1 and st.ram_bytes <= st.ram_cap <= reg.budget
+    st = rt.prefix_store.stats()
+    assert st.hits >= 1 and st.ram_bytes <= st.ram_cap <= rt.scheduler.budget
 
 
 def test_the_prompt_cache_outlives_the_process_but_not_a_change_of_kv_type(
     two_models: Path, tmp_path: Path
 ) -> None:
-    def registry(**kw: object) -> Registry:
-        return Registry(
-            make_settings(
-                model_dirs=[two_models], ctx=1024, parallel=2, prompt_cache_dir=tmp_path, **kw
-            )
-        )
-
     system = agent_system(2, 30)
-    reg = registry()
-    text, _, n = ask(reg, SMOL, system, "Hello?")
-    reg.close()  # what the store held in RAM is written to its folder
-    reg = registry()
+    rt = runtime(two_models, prompt_cache_dir=tmp_path)
+    text, _, n = ask(rt, SMOL, system, "Hello?")
+    rt.close()  # what the store held in RAM is written to its folder
+    rt = runtime(two_models, prompt_cache_dir=tmp_path)
     try:
-        again, cached, _ = ask(reg, SMOL, system, "Hello?")
+        again, cached, _ = ask(rt, SMOL, system, "Hello?")
         assert cached == n - 1 and again == text
     finally:
-        reg.close()
-    reg = registry(cache_type_k="q8_0", cache_type_v="q8_0")
+        rt.close()
+    rt = runtime(two_models, prompt_cache_dir=tmp_path, cache_type_k="q8_0", cache_type_v="q8_0")
     try:
-        _, cached, _ = ask(reg, SMOL, system, "Hello?")
+        _, cached, _ = ask(rt, SMOL, system, "Hello?")
         assert cached == 0  # f16 cells mean nothing to a q8_0 cache
     finally:
-        reg.close()
+        rt.close()
 
 
 def test_loading_a_model_lowers_the_prompt_cache_cap(two_models: Path, tmp_path: Path) -> None:
-    probe = Registry(make_settings(model_dirs=[two_models], ctx=1024, parallel=2))
-    need = probe.estimate_for(probe.resolve(SMOL)).total
+    probe = runtime(two_models)
+    need = probe.scheduler.estimate_for(probe.catalog.resolve(SMOL)).total
     probe.close()
     budget = need + 12 * MB  # room for one saved prompt of ~7 MB
-    reg = Registry(
-        make_settings(
-            model_dirs=[two_models],
-            ctx=1024,
-            parallel=2,
-            max_memory=budget,
-            max_loaded_models=1,
-            prompt_cache_ram=100 * MB,
-            prompt_cache_dir=tmp_path,
-        )
+    rt = runtime(
+        two_models,
+        max_memory=budget,
+        max_loaded_models=1,
+        prompt_cache_ram=100 * MB,
+        prompt_cache_dir=tmp_path,
     )
+    store = rt.prefix_store
     try:
-        assert reg.prompt_store.ram_cap == min(100 * MB, budget)
+        assert store.ram_cap == min(100 * MB, budget)
         for i in range(3):
-            ask(reg, SMOL, agent_system(i), "Hi?")
+            ask(rt, SMOL, agent_system(i), "Hi?")
         # The model and the cache together stay inside the budget; the rest went to disk.
-        assert reg.prompt_store.ram_cap <= budget - need
-        assert reg.prompt_store.ram_bytes <= reg.prompt_store.ram_cap
-        ask(reg, "smol-copy", "Be brief.", "Hi?")  # the swap saves the slots first
-        assert reg.prompt_store.ram_bytes <= reg.prompt_store.ram_cap
-        assert reg.prompt_store.stats().disk_entries > 0
+        assert store.ram_cap <= budget - need
+        assert store.ram_bytes <= store.ram_cap
+        ask(rt, "smol-copy", "Be brief.", "Hi?")  # the swap saves the slots first
+        assert store.ram_bytes <= store.ram_cap
+        assert store.stats().disk_entries > 0
     finally:
-        reg.close()
+        rt.close()
+
+
+def test_per_model_kv_settings_reach_the_engine_and_the_estimate(
+    two_models: Path, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "lmx.toml"
+    cfg.write_text('[models."smol-copy"]\ncache_type_k = "Q8_0"\nbatch_invariant = false\n')
+    rt = Runtime(make_config(cfg, model_dirs=[two_models], ctx=1024, parallel=2))
+    try:
+        sched = rt.scheduler
+        copy, smol = rt.catalog.resolve("smol-copy"), rt.catalog.resolve(SMOL)
+        opts = sched.options_for(copy)
+        assert (opts.cache_type_k, opts.cache_type_v, opts.batch_invariant) == (
+            "q8_0",
+            "f16",
+            False,
+        )
+        assert opts.prefix_store is rt.prefix_store
+        assert sched.estimate_for(copy).kv_cache < sched.estimate_for(smol).kv_cache
+    finally:
+        rt.close()
+
+
+def test_bad_kv_cache_types_are_refused_with_the_choices(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="q8_0"):
+        build_settings(env={"LMX_CACHE_TYPE_K": "q5"})
+    cfg = tmp_path / "lmx.toml"
+    cfg.write_text('[models."m"]\ncache_type_v = "int3"\n')
+    with pytest.raises(ConfigError, match="cache_type_v"):
+        read_config(cfg)
 
 
 # ----- KV cache types --------------------------------------------------------------------------
@@ -291,19 +308,15 @@ def test_kv_estimate_follows_the_cache_type(smollm2_path: Path) -> None:
 
 
 def test_a_q8_0_cache_is_measured_as_estimated(two_models: Path) -> None:
-    reg = Registry(
-        make_settings(
-            model_dirs=[two_models], ctx=4096, parallel=2, cache_type_k="q8_0", cache_type_v="q8_0"
-        )
-    )
+    rt = runtime(two_models, ctx=4096, cache_type_k="q8_0", cache_type_v="q8_0")
     try:
-        lm = reg.ensure_loaded(SMOL)
+        lm = rt.scheduler.load(rt.catalog.resolve(SMOL))
         assert abs(lm.estimate.total - lm.measured) / lm.measured < 0.15, (
             lm.estimate.as_dict(),
             lm.measured,
         )
     finally:
-        reg.close()
+        rt.close()
 
 
 TOPICS = ["rivers", "owls", "bread", "trains"]

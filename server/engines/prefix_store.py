@@ -136,9 +136,12 @@ class PrefixStore:
         """The RAM the store may use now: its limit, or less while models need the room."""
         return self._ram_cap
 
-    def set_ram_cap(self, cap: int) -> None:
-        """Use at most min(limit, cap) bytes of RAM from now on; spills or drops what is over."""
+    def set_ram_cap(self, cap: int, limit: int | None = None) -> None:
+        """Use at most min(limit, cap) bytes of RAM from now on (`limit`: a new limit, as
+        when the budget changes); spills or drops what is over."""
         with self._lock:
+            if limit is not None:
+                self.ram_limit = max(0, limit)
             self._ram_cap = max(0, min(self.ram_limit, cap))
             self._fit()
 
