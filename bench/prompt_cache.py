@@ -431,6 +431,8 @@ def main() -> None:
     ap.add_argument("--max-waits", type=int, default=30)
     ap.add_argument("--no-wait", action="store_true", help="measure without waiting for idle")
     args = ap.parse_args()
+    if args.rounds < 2:
+        ap.error("--rounds must be at least 2: the first round is the cold one, not measured")
     if args.no_llama_server:
         args.llama_server = None
     elif not args.llama_server:
