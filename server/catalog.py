@@ -44,6 +44,7 @@ class Catalog:
         self._discover_files = discover_files
         self._lock = threading.Lock()
         self._models: dict[str, ModelInfo] = {}
+        self._files: list[ModelInfo] | None = None  # the last file scan
         self._digests = DigestCache(state_dir() / "digests.json")
         self.refresh()
 
@@ -51,25 +52,38 @@ class Catalog:
     def settings(self) -> Settings:
         return self.config.current
 
-    def refresh(self) -> list[ModelInfo]:
-        """Rescan every source (loaded models stay loaded: the scheduler holds them)."""
+    def refresh(self, *, files: bool = True) -> list[ModelInfo]:
+        """Rescan every source (loaded models stay loaded: the scheduler holds them).
+        `files=False` asks only the extra sources again (the upstreams' background probe)."""
         s = self.settings
-        found: list[ModelInfo] = []
-        if self._discover_files:
-            found = discover(
-                s.model_dirs,
-                include_default=s.include_default_model,
-                include_hf_cache=s.hf_cache,
-                hf_cache_dir=s.hf_cache_dir,
-                include_user_stores=s.user_stores,
-                ollama_dir=s.ollama_dir,
-                lmstudio=s.lmstudio_dirs,
+        if files or self._files is None:
+            self._files = (
+                discover(
+                    s.model_dirs,
+                    include_default=s.include_default_model,
+                    include_hf_cache=s.hf_cache,
+                    hf_cache_dir=s.hf_cache_dir,
+                    include_user_stores=s.user_stores,
+                    ollama_dir=s.ollama_dir,
+                    lmstudio=s.lmstudio_dirs,
+                )
+                if self._discover_files
+                else []
             )
+        found = list(self._files)
         for source in self._sources:
             found += source()
+        models: dict[str, ModelInfo] = {}
+        for m in found:
+            if m.id in models:  # a local model keeps its id; an upstream's twin is left out
+                log.warning(
+                    "%s from %s is hidden by the one from %s", m.id, m.source, models[m.id].source
+                )
+                continue
+            models[m.id] = m
         with self._lock:
-            self._models = {m.id: m for m in found}
-        return found
+            self._models = models
+        return list(models.values())
 
     def models(self) -> list[ModelInfo]:
         with self._lock:
@@ -117,7 +131,11 @@ class Catalog:
 
     def digest(self, info: ModelInfo) -> str:
         """The sha256 of the model's file: known from the store's blob name when it keeps one
-        (Hugging Face cache, Ollama), else computed once and cached by path, size and mtime."""
+        (Hugging Face cache, Ollama), else computed once and cached by path, size and mtime.
+        An upstream's model has no file here: the digest of its URL and id stands for it."""
+        if info.upstream is not None:
+            ref = f"{info.upstream.server.url}#{info.upstream.model}"
+            return hashlib.sha256(ref.encode()).hexdigest()
         blob = info.path.resolve()
         m = _HEX64.fullmatch(blob.name)
         if m:

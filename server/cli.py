@@ -48,6 +48,8 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
         kw: dict[str, Any] = {"dest": s.name, "help": s.help, "default": None}
         if s.kind == "paths":
             kw.update(action="append", metavar="DIR")
+        elif s.kind == "urls":
+            kw.update(action="append", metavar="[NAME=]URL")
         else:
             kw["metavar"] = {"int": "N", "float": "N", "duration": "DURATION", "size": "SIZE"}.get(
                 s.kind, "VALUE"
@@ -227,10 +229,14 @@ def cmd_ls(
                 )
             )
         else:
+            down = (m.get("upstream") or {}).get("reachable") is False
+            state = "unreachable" if down else "unusable"
             rows.append(
-                (m["id"], "-", "-", "-", human_size(m["size_bytes"]), "-", m["source"], "unusable")
+                (m["id"], "-", "-", "-", human_size(m["size_bytes"]), "-", m["source"], state)
             )
-            notes.append(f"  {m['id']}: unusable: {m['error']} ({m['path']})")
+            # An upstream's error names its URL already.
+            why = m["error"] if down else f"unusable: {m['error']} ({m['path']})"
+            notes.append(f"  {m['id']}: {why}")
     _table(rows)
     if notes:
         print("\n" + "\n".join(notes))
@@ -249,6 +255,7 @@ _DESCRIBE_KEYS = (
     "quantization",
     "context_length",
     "aliases",
+    "upstream",
     "state",
 )
 
