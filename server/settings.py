@@ -261,7 +261,7 @@ SETTINGS: tuple[Setting, ...] = (
         "upstream",
         "urls",
         "serve the models of another OpenAI-compatible server (vLLM, SGLang, llama-server, "
-        "another lmx): [NAME=]URL (repeatable)",
+        "Ray Serve, another lmx) at URL (repeatable)",
         "--upstream",
     ),
 )

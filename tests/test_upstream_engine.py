@@ -261,6 +261,15 @@ def test_an_upstream_refusal_is_a_typed_error_before_any_text(engine: Engine) ->
     assert fin.failure.status == 400 and fin.failure.param == "logit_bias"
 
 
+def test_logit_bias_steers_the_next_token_by_the_upstreams_ids(
+    engine: Engine, peer: tuple[Runtime, ServerThread]
+) -> None:
+    own = peer_engine(peer)
+    target = own.tokenize(" banana", add_special=False)[0]
+    text, _ = run(engine, request_for(engine, "Once upon a time", 1, logit_bias={target: 100.0}))
+    assert text == own.detokenize([target]) != ""
+
+
 def test_embeddings_come_from_the_upstream(
     engine: Engine, peer: tuple[Runtime, ServerThread]
 ) -> None:

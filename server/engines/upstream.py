@@ -41,6 +41,7 @@ from server.errors import (
     LmxError,
     ModelUnusable,
     QueueFull,
+    UpstreamError,
     UpstreamUnavailable,
 )
 from server.upstreams import UpstreamModel, unreachable, upstream_error
@@ -334,10 +335,16 @@ class UpstreamEngine:
             raise unreachable(self.server.name, self.server.url, e) from e
         if r.status_code != 200:
             raise upstream_error(self.server.name, r.status_code, r.content)
-        data = r.json()
-        items = sorted(data["data"], key=lambda d: d.get("index", 0))
-        vectors = [[float(x) for x in d["embedding"]] for d in items]
-        return vectors, int((data.get("usage") or {}).get("prompt_tokens") or 0)
+        try:
+            data = r.json()
+            items = sorted(data["data"], key=lambda d: d.get("index", 0))
+            vectors = [[float(x) for x in d["embedding"]] for d in items]
+            return vectors, int((data.get("usage") or {}).get("prompt_tokens") or 0)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UpstreamError(
+                f"upstream {self.server.name} answered embeddings in an unknown shape: {e!r}",
+                status=502,
+            ) from e
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -415,7 +422,9 @@ class _Stream:
             else:
                 self._fail(unreachable(eng.server.name, eng.server.url, e))
             return
-        if failure is not None:
+        if failure is not None and self.chunks:  # it failed after sending some text
+            self._end("error", error=failure.message)
+        elif failure is not None:
             self._fail(failure)
         elif self.reason is None:
             self._end("error", error=f"upstream {eng.server.name} ended the stream early")
