@@ -10,6 +10,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from server.api.app import create_app
 from server.runtime import Runtime
@@ -63,11 +64,14 @@ class LmxServer(uvicorn.Server):
         self.should_exit = True
 
 
-def make_server(rt: Runtime, *, log_level: str = "info") -> LmxServer:
+def make_server(rt: Runtime, *, log_level: str = "info", own_logging: bool = True) -> LmxServer:
+    """uvicorn over the app. `own_logging=False` leaves uvicorn's records to the root logger
+    (the TUI routes them to its log pane; uvicorn's own handlers would write to the terminal)."""
     app = create_app(rt)
     config = uvicorn.Config(
         app,
         log_level=log_level,
+        log_config=LOGGING_CONFIG if own_logging else None,
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
         lifespan="on",
         access_log=log_level == "debug",
@@ -86,7 +90,7 @@ class ServerThread:
     def __init__(self, rt: Runtime, *, log_level: str = "warning"):
         self.sock = bind_socket(rt.settings.host, rt.settings.port)
         self.host, self.port = address(self.sock)
-        self.server = make_server(rt, log_level=log_level)
+        self.server = make_server(rt, log_level=log_level, own_logging=False)
         self.error: BaseException | None = None
         self._started = threading.Event()
         self.server.on_started = self._started.set
