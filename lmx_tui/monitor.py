@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from textual.message import Message
 
+from server.pipeline import RunStatus
 from server.runtime import Runtime
 from server.telemetry import SystemSampler, SystemSnapshot
 
@@ -26,6 +27,29 @@ class ModelStat:
     tokens_total: int
     tokens_per_s: float
     ttft_ms: float | None
+    slot_states: tuple[tuple[str, int], ...] = ()  # (idle | prefill | decode, cached tokens)
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    """One loaded model's share of the budget."""
+
+    model: str
+    by_device: tuple[tuple[str, int], ...]  # the estimate, per device
+    estimate: int
+    measured: int
+    pinned: bool
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    """The budget per device and what the loaded models take of it."""
+
+    budgets: tuple[tuple[str, int], ...]
+    models: tuple[ModelMemory, ...]
+
+    def used(self, device: str) -> int:
+        return sum(b for m in self.models for d, b in m.by_device if d == device)
 
 
 @dataclass(frozen=True)
@@ -34,6 +58,8 @@ class MonitorSnapshot:
 
     system: SystemSnapshot
     models: tuple[ModelStat, ...]
+    memory: MemorySnapshot = MemorySnapshot((), ())
+    requests: tuple[RunStatus, ...] = ()
 
 
 class SnapshotReady(Message):
@@ -62,7 +88,18 @@ class MonitorSampler:
         for rec in self.rt.requests.recent(200):
             if rec.model and rec.ttft_ms is not None:
                 last_ttft[rec.model] = rec.ttft_ms
-        for lm in self.rt.scheduler.loaded():
+        sched = self.rt.scheduler
+        shares = []
+        for lm in sched.loaded():
+            shares.append(
+                ModelMemory(
+                    lm.info.id,
+                    tuple(lm.estimate.by_device().items()),
+                    lm.estimate.total,
+                    lm.measured,
+                    sched.is_pinned(lm.info.id),
+                )
+            )
             if lm.engine is None:
                 continue
             st = lm.engine.stats()
@@ -80,9 +117,13 @@ class MonitorSampler:
                     tokens_total=total,
                     tokens_per_s=max(0.0, rate),
                     ttft_ms=last_ttft.get(lm.info.id),
+                    slot_states=tuple(tuple(x) for x in st.get("slot_states", ())),
                 )
             )
-        return MonitorSnapshot(self._system(), tuple(models))
+        memory = MemorySnapshot(tuple(sched.budgets().items()), tuple(shares))
+        return MonitorSnapshot(
+            self._system(), tuple(models), memory, tuple(self.rt.service.in_flight())
+        )
 
 
 class SamplerThread(threading.Thread):
