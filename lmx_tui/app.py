@@ -69,6 +69,10 @@ class RuntimeEvent(Message):
         self.event = event
 
 
+class SettingsChanged(Message):
+    """The settings changed (a reload, or an option chosen here): budgets and fits move."""
+
+
 class RequestFinished(Message):
     """An API request ended (posted from the server's thread)."""
 
@@ -185,6 +189,9 @@ class LmxApp(App[None]):
         self._unsubscribe.append(
             self.rt.requests.subscribe(lambda rec: self.post_message(RequestFinished(rec)))
         )
+        self._unsubscribe.append(
+            self.rt.config.subscribe(lambda old, new: self.post_message(SettingsChanged()))
+        )
         if self._routing is not None:
             self._routing.open()
         self._log_handler.attach(self.post_message)
@@ -278,6 +285,10 @@ class LmxApp(App[None]):
             browser = self.query_one(ModelBrowser)
             if busy != {k: v for k, v in browser.states.items() if k in busy}:
                 browser.show(browser.models, {**browser.states, **busy})
+
+    @_while_mounted
+    def on_settings_changed(self, message: SettingsChanged) -> None:
+        self.refresh_models()
 
     @_while_mounted
     def on_request_finished(self, message: RequestFinished) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ from textual.message import Message
 from server.pipeline import RunStatus
 from server.runtime import Runtime
 from server.telemetry import SystemSampler, SystemSnapshot
+
+RATE_WINDOW = 2.0  # seconds over which a model's tokens/s is measured
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,9 @@ class MonitorSampler:
     def __init__(self, rt: Runtime, system: Callable[[], SystemSnapshot] | None = None):
         self.rt = rt
         self._system = system or SystemSampler().sample
-        self._last: dict[str, tuple[float, int]] = {}
+        # (time, tokens generated) per model over the last RATE_WINDOW seconds: a rate from
+        # one sampling interval alone jumps between 0 and a burst.
+        self._seen: dict[str, deque[tuple[float, int]]] = {}
 
     def sample(self) -> MonitorSnapshot:
         now = time.monotonic()
@@ -104,9 +109,12 @@ class MonitorSampler:
                 continue
             st = lm.engine.stats()
             total = int(st["tokens_generated"])
-            t0, n0 = self._last.get(lm.info.id, (now, total))
+            seen = self._seen.setdefault(lm.info.id, deque())
+            seen.append((now, total))
+            while len(seen) > 2 and now - seen[1][0] >= RATE_WINDOW:
+                seen.popleft()
+            t0, n0 = seen[0]
             rate = (total - n0) / (now - t0) if now > t0 else 0.0
-            self._last[lm.info.id] = (now, total)
             models.append(
                 ModelStat(
                     model=lm.info.id,

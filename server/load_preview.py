@@ -1,7 +1,7 @@
 """What loading a model would do, before anything happens: whether it fits, which idle models
 the scheduler would evict for it (`Scheduler.plan`), and, for a model too large for the
 budget, what would make it fit (a smaller context, fewer slots, a smaller quantization of the
-same model from the hub). The app, `/admin/estimate` and `lmx ls --estimate` read it."""
+same model from the hub). The app's load prompt and `/admin/estimate` read it."""
 
 from __future__ import annotations
 

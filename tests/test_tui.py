@@ -489,7 +489,9 @@ async def test_monitor_charts_history_and_slots(rt: Runtime) -> None:
 
 
 def _snap_app() -> LmxApp:
-    return LmxApp(Runtime(make_config()), system_sampler=frozen_system(), sample_interval=60)
+    # A fixed budget: the default is a share of the RAM free now, different on every machine.
+    config = make_config(max_memory=4_000_000_000)
+    return LmxApp(Runtime(config), system_sampler=frozen_system(), sample_interval=60)
 
 
 def test_snapshot_models(snap_compare: Callable[..., bool]) -> None:

@@ -37,7 +37,7 @@ class BudgetBar(Widget):
 
     def render(self) -> Text:
         mem = self.memory
-        width = max(20, self.size.width)
+        width = max(20, self.size.width - 1)  # the last cell stays free: no wrap at the edge
         out = Text()
         if not mem.budgets:
             return Text("memory budget: sampling…", style="dim")
@@ -48,7 +48,8 @@ class BudgetBar(Widget):
             used = mem.used(device)
             free = max(0, budget - used)
             head = f"{device_label(device)} {human_size(budget)} "
-            tail = f" {human_size(free)} free"
+            over = used > budget
+            tail = f" over by {human_size(used - budget)}" if over else f" {human_size(free)} free"
             bar_w = max(10, width - len(head) - len(tail))
             out.append(head, style="bold")
             filled = 0
@@ -64,7 +65,6 @@ class BudgetBar(Widget):
                     out.append("█" * solid, style=colour[m.model])
                     out.append("▓" * (cells - solid), style=colour[m.model])
                     filled += cells
-            over = used > budget
             out.append("░" * max(0, bar_w - filled), style="grey50")
             out.append(tail, style="red bold" if over else "")
             legend = Text("\n")

@@ -81,7 +81,8 @@ class Chart(PlotextPlot):
         for name, points in series.items():
             pts = [(t - now, v) for t, v in points if now - t <= CHART_SECONDS]
             if pts:
-                plt.plot([p[0] for p in pts], [p[1] for p in pts], label=name, marker="braille")
+                label = name if len(series) > 1 else None
+                plt.plot([p[0] for p in pts], [p[1] for p in pts], label=label, marker="braille")
                 top = max(top, max(p[1] for p in pts))
         plt.ylim(0, top * 1.1 if top > 0 else 1)
         self.refresh()

@@ -119,8 +119,8 @@ class HubPane(Vertical):
             lo, hi = human_size(s["size_min"]), human_size(s["size_max"])
             sizes = lo if lo == hi else f"{lo} to {hi}"
             fit = ", ".join(s["fit"][:4]) + ("…" if len(s["fit"]) > 4 else "") or "none"
-        table.update_cell(message.repo, "SIZES", sizes)
-        table.update_cell(message.repo, "FITS THE BUDGET", fit)
+        table.update_cell(message.repo, "SIZES", sizes, update_width=True)
+        table.update_cell(message.repo, "FITS THE BUDGET", fit, update_width=True)
 
     @work(exclusive=True, group="hub")
     async def list_files(self, repo: str) -> None:

@@ -126,7 +126,7 @@ class RequestsPane(Vertical):
             row = live_row(s)
             if s.id in have:
                 for col, value in zip(LIVE_COLUMNS, row, strict=True):
-                    table.update_cell(s.id, col, value)
+                    table.update_cell(s.id, col, value, update_width=True)
             else:
                 table.add_row(*row, key=s.id)
         self.query_one("#inflight-title", Static).update(
