@@ -12,11 +12,10 @@ from typing import Any, ClassVar
 
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
-from textual.containers import VerticalScroll
 from textual.css.query import NoMatches
 from textual.message import Message
-from textual.screen import ModalScreen, Screen
-from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
+from textual.screen import Screen
+from textual.widgets import Footer, Header, TabbedContent, TabPane
 
 from lmx_tui.logs import LogPosted, LogRouting, PostingHandler
 from lmx_tui.monitor import MonitorSampler, SamplerThread, SnapshotReady
@@ -24,6 +23,7 @@ from lmx_tui.widgets.budget import BudgetBar
 from lmx_tui.widgets.chat import ChatPane
 from lmx_tui.widgets.downloads import DownloadsPane
 from lmx_tui.widgets.gauges import GaugesPane
+from lmx_tui.widgets.help import HelpScreen
 from lmx_tui.widgets.hub import HubPane, PulledPrompt
 from lmx_tui.widgets.load_prompt import LoadPrompt
 from lmx_tui.widgets.models import ModelBrowser
@@ -90,24 +90,6 @@ def _while_mounted(handler: Callable[[Any, Any], None]) -> Callable[[Any, Any], 
             handler(self, message)
 
     return guarded
-
-
-class HelpScreen(ModalScreen[None]):
-    """Every binding of the app and of the pane in focus."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,f1", "dismiss", "Close")]
-
-    def __init__(self, rows: list[tuple[str, str]]) -> None:
-        super().__init__()
-        self.rows = rows
-
-    def compose(self) -> ComposeResult:
-        width = max(len(k) for k, _ in self.rows)
-        text = "\n".join(f"  {k.ljust(width)}  {d}" for k, d in self.rows)
-        with VerticalScroll(id="help-box"):
-            yield Static(
-                f"[b]lmx keys[/b]\n\n{text}\n\n  esc closes this help", id="help-text", markup=True
-            )
 
 
 class LmxApp(App[None]):
