@@ -268,7 +268,7 @@ class Run:
             age_s=now - self.started,
             phase=phase,
             slots=tuple(p.slot for p, _ in progs if p.slot is not None),
-            prompt_tokens=sum(len(p) for p in self.prompts),
+            prompt_tokens=sum(n for _, n in progs),  # over its choices, as prompt_done
             prompt_done=sum(p.prompt_done for p, _ in progs),
             generated=generated,
             cached=sum(p.cached for p, _ in progs),
