@@ -18,6 +18,8 @@ no lease, validation, template or recording logic of its own.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -46,7 +48,7 @@ from server.grammar import json_grammar
 from server.keys import ApiKey, Permit, current_key
 from server.scheduler import Lease, Scheduler
 from server.settings import PresetConfig
-from server.telemetry import RequestLog, RequestRecord
+from server.telemetry import RequestDetail, RequestLog, RequestRecord
 
 # Bounds every front end gets (the OpenAPI schema of /v1 and /api states the same ones).
 SAMPLING_BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
@@ -61,6 +63,11 @@ SAMPLING_BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
 }
 MAX_STOP = 16
 MAX_CHOICES = 16
+# What a finished request's detail view keeps (bounded: the log holds DETAIL_RECORDS of them).
+DETAIL_CHARS = 16_000  # of the reply
+DETAIL_MESSAGE_CHARS = 4_000  # of each message
+DETAIL_MESSAGES = 32  # the last ones
+_RUN_IDS = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,32 @@ class Done:
 RunEvent = Delta | Done
 
 
+@dataclass(frozen=True)
+class RunStatus:
+    """One request in flight at one instant (the Requests tab, GET /admin/requests)."""
+
+    id: str
+    model: str
+    source: str
+    path: str
+    started: float  # wall clock
+    age_s: float
+    phase: str  # queued, prefill or decode (the most advanced of its choices)
+    slots: tuple[int, ...]
+    prompt_tokens: int
+    prompt_done: int
+    generated: int
+    cached: int
+    tokens_per_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["slots"] = list(self.slots)
+        out["age_s"] = round(self.age_s, 3)
+        out["tokens_per_s"] = round(self.tokens_per_s, 2)
+        return out
+
+
 @dataclass
 class RunResult:
     """A whole run, for non-streaming responses."""
@@ -181,11 +214,16 @@ class Run:
         self.prompts = prompts
         self.choices = len(requests)
         self.started = started
+        self.id = f"req-{next(_RUN_IDS)}"
+        self.started_at = time.time()
         self.finished: list[Finished | None] = [None] * len(requests)
+        self.texts: list[list[str]] = [[] for _ in requests]  # for the detail view (bounded)
+        self._kept = 0
         self._queue: asyncio.Queue[tuple[int, TokenText | Finished]] = asyncio.Queue()
         self._early: deque[tuple[int, TokenText | Finished]] = deque()  # read by opened()
         self._gens: list[Generation] = []
         self._closed = False
+        self._cancelled = False  # by the operator (cancel()), not by an unload
         loop = asyncio.get_running_loop()
         try:
             for i, r in enumerate(requests):
@@ -235,9 +273,12 @@ class Run:
             while not self.done:
                 i, ev = self._early.popleft() if self._early else await self._queue.get()
                 if isinstance(ev, TokenText):
+                    if self._kept < DETAIL_CHARS:
+                        self.texts[i].append(ev.text)
+                        self._kept += len(ev.text)
                     yield Delta(i, ev.text)
                 else:
-                    if ev.reason == "cancelled" and not self._closed:
+                    if ev.reason == "cancelled" and not (self._closed or self._cancelled):
                         # Nobody here cancelled it: the model was unloaded or lmx is stopping.
                         # The client gets an error in its dialect, not a quiet end.
                         why = self.service.scheduler.why_stopped(self.model_id)
@@ -267,6 +308,38 @@ class Run:
             cached_tokens=sum(f.cached_tokens for f in firsts),
         )
 
+    def status(self) -> RunStatus:
+        """Where this request is now, from the engine's live counters."""
+        now = time.perf_counter()
+        progs = [(g.progress, len(g.request.prompt_tokens)) for g in self._gens]
+        order = {"queued": 0, "prefill": 1, "decode": 2}
+        phase = max((p.phase(n) for p, n in progs), key=order.__getitem__, default="queued")
+        generated = sum(p.generated for p, _ in progs)
+        firsts = [p.first_token_at for p, _ in progs if p.first_token_at is not None]
+        span = now - min(firsts) if firsts else 0.0
+        return RunStatus(
+            id=self.id,
+            model=self.model_id,
+            source=self.request.label,
+            path=self.request.path,
+            started=self.started_at,
+            age_s=now - self.started,
+            phase=phase,
+            slots=tuple(p.slot for p, _ in progs if p.slot is not None),
+            prompt_tokens=sum(n for _, n in progs),  # over its choices, as prompt_done
+            prompt_done=sum(p.prompt_done for p, _ in progs),
+            generated=generated,
+            cached=sum(p.cached for p, _ in progs),
+            tokens_per_s=generated / span if span > 0.05 else 0.0,
+        )
+
+    def cancel(self) -> None:
+        """Stop generating (the operator's cancel): each choice ends with reason `cancelled`
+        and the client gets the end of its response."""
+        self._cancelled = True
+        for g in self._gens:
+            g.cancel()
+
     @property
     def error(self) -> str | None:
         for f in self.finished:
@@ -284,6 +357,7 @@ class Run:
         self.lease.release()
         if self.permit is not None:
             self.permit.release()
+        self.service._forget(self)
         status = 200 if self.done else 499  # the client went away first
         if self.error is not None:
             status = 503
@@ -297,6 +371,33 @@ class GenerationService:
         self.catalog = catalog
         self.scheduler = scheduler
         self.requests = requests
+        self._active: dict[str, Run] = {}
+        self._lock = threading.Lock()
+
+    def in_flight(self) -> list[RunStatus]:
+        """Every request being generated now, oldest first (any thread)."""
+        with self._lock:
+            runs = list(self._active.values())
+        return [r.status() for r in runs]
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a request in flight (the app's key, POST /admin/requests/{id}/cancel).
+        False when no such request is running."""
+        with self._lock:
+            run = self._active.get(request_id)
+        if run is None:
+            return False
+        run.cancel()
+        return True
+
+    def _track(self, run: Run) -> Run:
+        with self._lock:
+            self._active[run.id] = run
+        return run
+
+    def _forget(self, run: Run) -> None:
+        with self._lock:
+            self._active.pop(run.id, None)
 
     async def start(self, req: GenerateRequest) -> Run:
         """Resolve, validate, lease, render and submit; every failure is an LmxError."""
@@ -329,7 +430,7 @@ class GenerationService:
             if permit is not None:
                 permit.release()
             raise
-        run = Run(self, lease, req, prompts, gen_requests, started, permit)
+        run = self._track(Run(self, lease, req, prompts, gen_requests, started, permit))
         if lease.engine.takes_text:
             await run.opened()
         return run
@@ -392,8 +493,25 @@ class GenerationService:
         done = [f for f in run.finished if f is not None]
         ttfts = [f.timings.ttft_ms for f in done if f.timings]
         u = run.usage()
+        req = run.request
+        self.requests.keep_detail(
+            RequestDetail(
+                id=run.id,
+                messages=tuple(
+                    {"role": str(m.get("role", "")), "content": _clip(m.get("content"))}
+                    for m in (req.messages or [])[-DETAIL_MESSAGES:]
+                ),
+                prompts=tuple(_clip(p) for p in req.prompts or ()),
+                replies=tuple("".join(t) for t in run.texts),
+                finish_reasons=tuple(f.reason for f in done),
+                timings=tuple(f.timings.as_dict() for f in done if f.timings),
+                error=run.error,
+            )
+        )
         self.requests.record(
             RequestRecord(
+                id=run.id,
+                finish_reason=done[0].reason if done else "",
                 at=time.time(),
                 method="POST",
                 path=run.request.path,
@@ -408,6 +526,15 @@ class GenerationService:
                 key=run.request.key.name if run.request.key is not None else None,
             )
         )
+
+
+def _clip(content: Any) -> str:
+    """A message's text for the detail view, cut to DETAIL_MESSAGE_CHARS (parts joined)."""
+    if isinstance(content, list):
+        content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    text = "" if content is None else str(content)
+    n = DETAIL_MESSAGE_CHARS
+    return text if len(text) <= n else text[:n] + "…"
 
 
 # ----- the steps ------------------------------------------------------------------------------

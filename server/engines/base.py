@@ -106,6 +106,24 @@ Event = TokenText | Finished
 Sink = Callable[[Event], None]
 
 
+@dataclass
+class Progress:
+    """Live counters of one generation, written by the engine's thread as it works and read
+    by anyone (plain ints: a reader sees a recent value, never a torn one)."""
+
+    slot: int | None = None  # the engine's slot (sequence) once admitted; None while queued
+    cached: int = 0  # prompt tokens reused from the cache
+    prompt_done: int = 0  # prompt tokens in the cache so far (cached ones included)
+    generated: int = 0
+    first_token_at: float | None = None  # perf_counter
+
+    def phase(self, prompt_tokens: int) -> str:
+        """queued, prefill or decode."""
+        if self.slot is None:
+            return "queued"
+        return "decode" if self.generated or self.prompt_done >= prompt_tokens else "prefill"
+
+
 class Generation:
     """A submitted request. The engine calls `emit`; anyone may `cancel`."""
 
@@ -115,6 +133,7 @@ class Generation:
         self._cancelled = threading.Event()
         self.done = threading.Event()
         self.submitted_at = time.perf_counter()
+        self.progress = Progress()
 
     def cancel(self) -> None:
         self._cancelled.set()

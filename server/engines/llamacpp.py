@@ -108,6 +108,13 @@ class _Slot:
     last_used: float = 0.0
 
 
+def _slot_state(slot: _Slot) -> str:
+    job = slot.job
+    if job is None:
+        return "idle"
+    return "prefill" if job.pending or job.waiting_on is not None else "decode"
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -363,6 +370,8 @@ class LlamaCppEngine:
                 "requests_total": self.requests_total,
                 "tokens_generated": self.tokens_generated,
                 "finished": dict(self.finished),
+                # Per slot: idle, prefill or decode, and the tokens its cache holds.
+                "slot_states": [(_slot_state(s), len(s.tokens)) for s in self._slots],
             }
 
     def cancel_all(self) -> None:
@@ -453,6 +462,7 @@ class LlamaCppEngine:
 
     def _attach(self, slot: _Slot, job: _Job, prompt: list[int]) -> None:
         slot.job = job
+        job.gen.progress.slot = slot.seq
         if not job.started_at:
             job.started_at = time.perf_counter()
             job.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -485,6 +495,7 @@ class LlamaCppEngine:
             best = 0
         job.cached = best
         job.pending = prompt[best:]
+        job.gen.progress.cached = job.gen.progress.prompt_done = best
 
     def _wait_for_shared_prefill(self, slot: _Slot, job: _Job, prompt: list[int]) -> bool:
         """Requests that arrive together with one long system prompt: the first computes it,
@@ -556,6 +567,7 @@ class LlamaCppEngine:
                 continue
             chunk = job.pending[:budget]
             job.pending = job.pending[len(chunk) :]
+            job.gen.progress.prompt_done += len(chunk)
             last = not job.pending
             for k, tok in enumerate(chunk):
                 i = put(tok, len(slot.tokens), slot.seq, last and k == len(chunk) - 1)
@@ -575,11 +587,12 @@ class LlamaCppEngine:
             assert job is not None
             tok = llama_cpp.llama_sampler_sample(job.sampler, self._ctx, i)
             if not job.first_token_at:
-                job.first_token_at = now
+                job.first_token_at = job.gen.progress.first_token_at = now
             if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
                 self._finish(slot, "stop")
                 continue
             job.n_gen += 1
+            job.gen.progress.generated = job.n_gen
             self.tokens_generated += 1
             if self._emit_text(job, self._piece(tok)):
                 self._finish(slot, "stop")
