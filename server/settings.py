@@ -223,6 +223,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("hf_cache", "bool", "look for models in the Hugging Face cache (default true)"),
     Setting("user_stores", "bool", "look in Ollama's and LM Studio's stores (default true)"),
     Setting("download_concurrency", "int", "downloads at once (default 2)", low=1, high=16),
+    Setting(
+        "reasoning",
+        "bool",
+        "split <think> reasoning out of replies of thinking models (default true; false: kept in the text)",
+        per_model=True,
+    ),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -235,6 +241,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     gpu_layers: int | None = None
     keep_alive: str | int | float | None = None
     chat_template: str | None = None
+    reasoning: bool | None = None
     pin: bool = False
 
 
@@ -286,6 +293,7 @@ class Settings:
     hf_cache: bool = True
     user_stores: bool = True
     download_concurrency: int = 2
+    reasoning: bool = True  # split thinking out of chat replies
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     aliases: Mapping[str, str] = field(default_factory=dict)
     groups: Mapping[str, GroupConfig] = field(default_factory=dict)

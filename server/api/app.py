@@ -16,9 +16,12 @@ from litestar.openapi import OpenAPIConfig
 
 from server import __version__
 from server.api.admin import AdminController, metrics_handler
+from server.api.anthropic import AnthropicController
 from server.api.errors import OPENAI_ERRORS
 from server.api.ollama import OllamaController
 from server.api.openai import OpenAIController
+from server.api.responses import ResponsesController
+from server.api.tokens import TokensController
 from server.errors import Unauthorized
 from server.runtime import Runtime
 
@@ -56,6 +59,9 @@ def create_app(rt: Runtime) -> Litestar:
         route_handlers=[
             health,
             OpenAIController,
+            ResponsesController,
+            AnthropicController,
+            TokensController,
             OllamaController,
             AdminController,
             metrics_handler(rt),

@@ -46,6 +46,9 @@ class GenerationRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks, tests)
     label: str = ""  # who asked (api, tui, cli): shown in logs and the requests pane
+    # Control tokens given as their text (tool-call and thinking markers the reply's parser
+    # reads); every other special token is decoded to nothing, as before.
+    preserved_tokens: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class Finished:
     cached_tokens: int = 0
     timings: Timings | None = None
     error: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended it (reason "stop")
 
 
 Event = TokenText | Finished
