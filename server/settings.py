@@ -226,7 +226,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "reasoning",
         "bool",
-        "split <think> reasoning out of replies of thinking models (default true; false: kept in the text)",
+        "split <think> reasoning out of thinking models' replies (default true)",
         per_model=True,
     ),
 )

@@ -29,6 +29,9 @@ WEATHER = {
     },
 }
 ASK: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+# This SDK has no sampling arguments (Anthropic dropped them for its newer models); the API
+# still takes temperature, top_p and top_k, as extra body fields.
+GREEDY = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,7 @@ def test_create(claude: anthropic.Anthropic) -> None:
         system="You are terse.",
         messages=[{"role": "user", "content": "Say hello."}],
         max_tokens=12,
-        temperature=0,
+        extra_body=GREEDY,
     )
     assert m.type == "message" and m.role == "assistant" and m.model == SMOL
     assert m.content and m.content[0].type == "text" and m.content[0].text
@@ -58,7 +61,7 @@ def test_stop_sequence(claude: anthropic.Anthropic) -> None:
         model=SMOL,
         messages=[{"role": "user", "content": "Count from 1 to 20, separated by commas."}],
         max_tokens=60,
-        temperature=0,
+        extra_body=GREEDY,
         stop_sequences=["5"],
     )
     assert m.stop_reason == "stop_sequence" and m.stop_sequence == "5", m.content
@@ -70,7 +73,7 @@ def test_stream(claude: anthropic.Anthropic) -> None:
         model=SMOL,
         messages=[{"role": "user", "content": "Say hello."}],
         max_tokens=10,
-        temperature=0,
+        extra_body=GREEDY,
     ) as stream:
         kinds = [e.type for e in stream]
         final = stream.get_final_message()
@@ -88,7 +91,7 @@ def test_forced_tool_use_and_a_result_turn(claude: anthropic.Anthropic) -> None:
         tools=[WEATHER],  # type: ignore[list-item]
         tool_choice={"type": "tool", "name": "get_weather"},
         max_tokens=80,
-        temperature=0,
+        extra_body=GREEDY,
     )
     assert m.stop_reason == "tool_use"
     [use] = [b for b in m.content if b.type == "tool_use"]
@@ -109,7 +112,7 @@ def test_forced_tool_use_and_a_result_turn(claude: anthropic.Anthropic) -> None:
         tools=[WEATHER],  # type: ignore[list-item]
         tool_choice={"type": "none"},
         max_tokens=16,
-        temperature=0,
+        extra_body=GREEDY,
     )
     assert reply.content[0].type == "text" and reply.stop_reason in ("end_turn", "max_tokens")
 
@@ -119,9 +122,9 @@ def test_streamed_tool_use(claude: anthropic.Anthropic) -> None:
         model=SMOL,
         messages=ASK,
         tools=[WEATHER],  # type: ignore[list-item]
-        tool_choice={"type": "any"},
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},
         max_tokens=80,
-        temperature=0,
+        extra_body=GREEDY,
     ) as stream:
         deltas = [e.delta.type for e in stream if e.type == "content_block_delta"]
         final = stream.get_final_message()
@@ -136,17 +139,34 @@ def test_thinking_blocks(claude: anthropic.Anthropic) -> None:
         model="smollm2-think",
         messages=[{"role": "user", "content": "Say hi."}],
         max_tokens=8,
-        temperature=0,
+        extra_body=GREEDY,
     )
     assert m.content[0].type == "thinking" and m.content[0].thinking
     hidden = claude.messages.create(
         model="smollm2-think",
         messages=[{"role": "user", "content": "Say hi."}],
         max_tokens=8,
-        temperature=0,
+        extra_body=GREEDY,
         thinking={"type": "disabled"},
     )
     assert all(b.type != "thinking" for b in hidden.content)
+
+
+def test_structured_output(claude: anthropic.Anthropic) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"],
+    }
+    m = claude.messages.create(
+        model=SMOL,
+        messages=[{"role": "user", "content": "Name a city in France."}],
+        output_config={"format": {"type": "json_schema", "schema": schema}},
+        max_tokens=40,
+        extra_body=GREEDY,
+    )
+    assert m.content[0].type == "text"
+    jsonschema.validate(json.loads(m.content[0].text), schema)
 
 
 def test_count_tokens(claude: anthropic.Anthropic) -> None:

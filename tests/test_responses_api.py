@@ -88,6 +88,7 @@ def test_function_tool_and_previous_response_id(client: openai.OpenAI) -> None:
         input="What is the weather in Paris?",
         tools=[WEATHER],  # type: ignore[list-item]
         tool_choice="required",
+        parallel_tool_calls=False,
         max_output_tokens=80,
         temperature=0,
     )
@@ -105,9 +106,17 @@ def test_function_tool_and_previous_response_id(client: openai.OpenAI) -> None:
         temperature=0,
     )
     assert second.previous_response_id == first.id and second.output_text
-    # The whole conversation went to the model: the second prompt holds the first's call.
-    assert second.usage and first.usage
-    assert second.usage.input_tokens > first.usage.input_tokens
+    # The whole conversation went to the model: the question, the call (its JSON) and the
+    # result, more than the question alone.
+    alone = client.responses.create(
+        model=SMOL,
+        input="What is the weather in Paris?",
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice="none",
+        max_output_tokens=1,
+    )
+    assert second.usage and alone.usage
+    assert second.usage.input_tokens > alone.usage.input_tokens + 15
 
 
 def test_streamed_function_call(client: openai.OpenAI) -> None:
@@ -184,8 +193,8 @@ def test_the_store_is_bounded() -> None:
     store.get("r2")  # used: now the most recent
     store.put("r5", {"id": "r5"}, [])
     assert store.get("r3") is None and store.get("r2") is not None
-    store.put("big", {"id": "big"}, [{"role": "user", "content": "x" * 1500}])
-    assert store.bytes <= 2000 and store.get("big") is not None and len(store) < 3
+    store.put("big", {"id": "big"}, [{"role": "user", "content": "x" * 1950}])
+    assert store.bytes <= 2000 and store.get("big") is not None and len(store) == 1
     store.put("huge", {"id": "huge"}, [{"role": "user", "content": "x" * 5000}])
     assert store.get("huge") is None and store.bytes <= 2000
     assert store.delete("big") and not store.delete("big")

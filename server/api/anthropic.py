@@ -99,6 +99,25 @@ class MessagesRequest(PromptFields, kw_only=True):
     top_k: TopK | None = None
     stream: bool = False
     metadata: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None  # `format`: a JSON schema the reply follows
+
+
+def _output_format(config: dict[str, Any] | None) -> dict[str, Any]:
+    """Structured output (`output_config.format`) as the pipeline's JSON mode."""
+    fmt = (config or {}).get("format")
+    if fmt is None:
+        return {}
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise InvalidRequest(
+            "output_config.format.type: Input should be 'json_schema'",
+            param="output_config.format",
+        )
+    schema = fmt.get("schema")
+    if not isinstance(schema, dict):
+        raise InvalidRequest(
+            "output_config.format.schema: Field required", param="output_config.format.schema"
+        )
+    return {"json_mode": True, "json_schema": schema}
 
 
 def _text_blocks(value: Any, where: str) -> str:
@@ -214,9 +233,10 @@ def _think(thinking: dict[str, Any] | None) -> bool | None:
     if thinking is None:
         return None
     kind = thinking.get("type")
-    if kind not in ("enabled", "disabled", "adaptive"):
+    if kind not in ("enabled", "disabled", "adaptive", "between_tools"):
         raise InvalidRequest(
-            "thinking.type: Input should be 'enabled', 'disabled' or 'adaptive'",
+            "thinking.type: Input should be 'enabled', 'disabled', 'adaptive' or "
+            "'between_tools'",
             param="thinking.type",
         )
     return kind != "disabled"
@@ -304,6 +324,7 @@ class AnthropicController(Controller):
             sampling=Sampling(temperature=data.temperature, top_p=data.top_p, top_k=data.top_k),
             stop=list(data.stop_sequences or []),
             path="/v1/messages",
+            **_output_format(data.output_config),
         )
         show_thinking = req.think is not False
         run = await rt.service.start(req)
