@@ -62,6 +62,9 @@ class GenerationRequest:
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks, tests)
     label: str = ""  # who asked (api, tui, cli): shown in logs and the requests pane
     text: TextPrompt | None = None  # set for engines that take text
+    # Control tokens given as their text (tool-call and thinking markers the reply's parser
+    # reads); every other special token is decoded to nothing, as before.
+    preserved_tokens: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class Finished:
     # The typed cause of an "error", when the engine knows one (an upstream's status): the
     # pipeline raises it, in the caller's dialect, if it came before any text.
     failure: LmxError | None = None
+    stop_sequence: str | None = None  # the stop string that ended it (reason "stop")
 
 
 Event = TokenText | Finished

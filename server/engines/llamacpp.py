@@ -94,6 +94,7 @@ class _Job:
     n_gen: int = 0
     cached: int = 0
     text_held: str = ""
+    stopped_by: str | None = None  # the stop string that matched
     decoder: Any = None
     # Another slot is prefilling a prefix this prompt shares: wait for it, then copy it.
     waiting_on: _Slot | None = None
@@ -594,7 +595,8 @@ class LlamaCppEngine:
             job.n_gen += 1
             job.gen.progress.generated = job.n_gen
             self.tokens_generated += 1
-            if self._emit_text(job, self._piece(tok)):
+            special = tok in job.gen.request.preserved_tokens
+            if self._emit_text(job, self._piece(tok, special)):
                 self._finish(slot, "stop")
             elif job.n_gen >= job.gen.request.max_tokens or (
                 len(slot.tokens) + 1 >= self.n_ctx_slot
@@ -613,6 +615,7 @@ class LlamaCppEngine:
                 if k:
                     job.gen.emit(TokenText(text[:k]))
                 job.text_held = ""
+                job.stopped_by = s
                 return True
         hold = 0
         for s in stops:
@@ -655,7 +658,17 @@ class LlamaCppEngine:
         )
         self.last_timings = timings
         self.finished[reason] += 1
-        job.gen.emit(Finished(reason, n_prompt, job.n_gen, job.cached, timings, error))
+        job.gen.emit(
+            Finished(
+                reason,
+                n_prompt,
+                job.n_gen,
+                job.cached,
+                timings,
+                error,
+                stop_sequence=job.stopped_by,
+            )
+        )
 
     def _fail_all(self, message: str) -> None:
         with self._cond:
