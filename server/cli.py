@@ -28,6 +28,9 @@ from server.settings import (
 from server.units import human_params, human_size
 
 RunApp = Callable[[ConfigStore, bool], None]
+# The app in a browser: (config, host, port, the argv each browser session's app runs with).
+RunWeb = Callable[[ConfigStore, str, int, list[str]], None]
+DEFAULT_WEB_PORT = 8422
 
 
 class CliError(Exception):
@@ -46,8 +49,12 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
         if s.flag is None:
             continue
         kw: dict[str, Any] = {"dest": s.name, "help": s.help, "default": None}
-        if s.kind in ("paths", "strs"):
-            kw.update(action="append", metavar="DIR" if s.kind == "paths" else "ORIGIN")
+        if s.kind == "paths":
+            kw.update(action="append", metavar="DIR")
+        elif s.kind == "strs":
+            kw.update(action="append", metavar="ORIGIN")
+        elif s.kind == "urls":
+            kw.update(action="append", metavar="[NAME=]URL")
         elif s.kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction  # --name / --no-name
         elif s.choices:
@@ -76,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument(
+        "--web",
+        action="store_true",
+        help="serve the app in a browser (on --host, the same API key rules as the API)",
+    )
+    parser.add_argument(
+        "--web-port",
+        type=int,
+        default=DEFAULT_WEB_PORT,
+        metavar="N",
+        help=f"the browser app's port (default {DEFAULT_WEB_PORT})",
     )
     _settings_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -128,10 +147,33 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def main(argv: Sequence[str] | None = None, *, run_app: RunApp | None = None) -> None:
-    """`lmx`. `run_app` opens the terminal app (the console script passes lmx_tui's)."""
+def web_session_argv(argv: Sequence[str]) -> list[str]:
+    """The command line of the app a browser session runs: this one without --web."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--web" or a.startswith("--web-port="):
+            continue
+        elif a == "--web-port":
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    run_app: RunApp | None = None,
+    run_web: RunWeb | None = None,
+) -> None:
+    """`lmx`. `run_app` opens the terminal app, `run_web` serves it to browsers (the console
+    script passes lmx_tui's)."""
     from server.errors import LmxError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args)
@@ -159,6 +201,13 @@ def main(argv: Sequence[str] | None = None, *, run_app: RunApp | None = None) ->
             cmd_rm(config, args.model)
         elif args.no_ui:
             cmd_serve(config, args.log_level)
+        elif args.web:
+            if run_web is None:
+                raise CliError("the browser app is not available here; use lmx --no-ui")
+            refusal = settings.bind_refusal()
+            if refusal:
+                raise CliError(refusal)
+            run_web(config, settings.host, args.web_port, web_session_argv(argv))
         elif run_app is not None:
             run_app(config, not args.no_server)
         else:
@@ -235,10 +284,14 @@ def cmd_ls(
                 )
             )
         else:
+            down = (m.get("upstream") or {}).get("reachable") is False
+            state = "unreachable" if down else "unusable"
             rows.append(
-                (m["id"], "-", "-", "-", human_size(m["size_bytes"]), "-", m["source"], "unusable")
+                (m["id"], "-", "-", "-", human_size(m["size_bytes"]), "-", m["source"], state)
             )
-            notes.append(f"  {m['id']}: unusable: {m['error']} ({m['path']})")
+            # An upstream's error names its URL already.
+            why = m["error"] if down else f"unusable: {m['error']} ({m['path']})"
+            notes.append(f"  {m['id']}: {why}")
         if m.get("template_error"):
             notes.append(f"  {m['id']}: chat template broken: {m['template_error']}")
     _table(rows)
@@ -259,6 +312,7 @@ _DESCRIBE_KEYS = (
     "quantization",
     "context_length",
     "aliases",
+    "upstream",
     "state",
     "template_error",
 )

@@ -27,6 +27,7 @@ from server.settings import (
     state_dir,
 )
 from server.telemetry import RequestLog
+from server.upstreams import Upstreams
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,10 @@ class Runtime:
         self.events = EventBus()
         self.keys = KeyStore(self.config)  # a bad key file fails here, before anything loads
         self.requests = RequestLog()
-        self.catalog = Catalog(self.config)
+        # Other OpenAI-compatible servers whose models lmx serves; probed in the background.
+        self.upstreams = Upstreams(self.config, self.events)
+        self.catalog = Catalog(self.config, sources=[self.upstreams.models])
+        self.upstreams.watch(lambda: self.catalog.refresh(files=False))
         # One prompt cache for the process, handed to every engine through its options: what
         # a model's slots held outlives its unload (RAM within the budget, then disk). The
         # scheduler sets its RAM cap to what loaded models leave of the budget.
@@ -191,3 +195,4 @@ class Runtime:
             downloads.close()
         self.scheduler.close()  # unloading puts the slots' prefixes in the prompt cache
         self.prefix_store.close()  # what is only in RAM goes to disk, for a bounded time
+        self.upstreams.close()

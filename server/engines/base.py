@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from server.chat_template import ChatTemplate
     from server.discovery import ModelInfo
     from server.engines.prefix_store import PrefixStore
+    from server.errors import LmxError
 
 
 @dataclass(frozen=True)
@@ -35,18 +36,36 @@ class SamplingParams:
         return cls(**{k: v for k, v in given.items() if v is not None})
 
 
+@dataclass(frozen=True)
+class TextPrompt:
+    """A request as text, for an engine that applies its own template and tokenizer (an
+    upstream server): the chat messages or the prompt, what the caller set, the output format."""
+
+    messages: list[dict[str, Any]] | None = None  # role, content (text), name
+    prompt: str | None = None  # a text completion's prompt (when messages is None)
+    raw: bool = False  # the prompt may hold special tokens (Ollama's raw mode)
+    sampling: dict[str, Any] = field(default_factory=dict)  # only the fields the caller set
+    json_mode: bool = False
+    json_schema: dict[str, Any] | None = None  # with json_mode: the schema to match
+
+
 @dataclass
 class GenerationRequest:
-    """A tokenized prompt plus how to continue it."""
+    """A tokenized prompt plus how to continue it (for an engine that `takes_text`, `text`
+    instead, and `prompt_tokens` empty)."""
 
     prompt_tokens: list[int]
-    max_tokens: int
+    max_tokens: int  # 0 with `text`: the caller set no limit (the upstream's default applies)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     grammar: str | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks, tests)
     label: str = ""  # who asked (api, tui, cli): shown in logs and the requests pane
+    text: TextPrompt | None = None  # set for engines that take text
+    # Control tokens given as their text (tool-call and thinking markers the reply's parser
+    # reads); every other special token is decoded to nothing, as before.
+    preserved_tokens: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -82,10 +101,32 @@ class Finished:
     cached_tokens: int = 0
     timings: Timings | None = None
     error: str | None = None
+    # The typed cause of an "error", when the engine knows one (an upstream's status): the
+    # pipeline raises it, in the caller's dialect, if it came before any text.
+    failure: LmxError | None = None
+    stop_sequence: str | None = None  # the stop string that ended it (reason "stop")
 
 
 Event = TokenText | Finished
 Sink = Callable[[Event], None]
+
+
+@dataclass
+class Progress:
+    """Live counters of one generation, written by the engine's thread as it works and read
+    by anyone (plain ints: a reader sees a recent value, never a torn one)."""
+
+    slot: int | None = None  # the engine's slot (sequence) once admitted; None while queued
+    cached: int = 0  # prompt tokens reused from the cache
+    prompt_done: int = 0  # prompt tokens in the cache so far (cached ones included)
+    generated: int = 0
+    first_token_at: float | None = None  # perf_counter
+
+    def phase(self, prompt_tokens: int) -> str:
+        """queued, prefill or decode."""
+        if self.slot is None:
+            return "queued"
+        return "decode" if self.generated or self.prompt_done >= prompt_tokens else "prefill"
 
 
 class Generation:
@@ -97,6 +138,7 @@ class Generation:
         self._cancelled = threading.Event()
         self.done = threading.Event()
         self.submitted_at = time.perf_counter()
+        self.progress = Progress()
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -145,6 +187,12 @@ class Engine(Protocol):
     info: ModelInfo
     # Set by the scheduler: called once, from the engine's own thread, if it dies.
     on_failure: Callable[[str], None] | None
+    # False: the pipeline renders the chat template and tokenizes (llama.cpp, MLX). True: the
+    # engine gets the request as text (`GenerationRequest.text`) and something else applies
+    # the template and tokenizer (an upstream server); such an engine may refuse a request
+    # after `submit` (a `Finished` error with a `failure`), so the pipeline waits for each
+    # choice's first event before answering.
+    takes_text: bool
 
     def load(self) -> None:
         """Load weights (blocking; called from a worker thread)."""

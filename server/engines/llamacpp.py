@@ -109,6 +109,7 @@ class _Job:
     n_gen: int = 0
     cached: int = 0
     text_held: str = ""
+    stopped_by: str | None = None  # the stop string that matched
     decoder: Any = None
     # Another slot is prefilling a prefix this prompt shares: wait for it, then copy it.
     waiting_on: _Slot | None = None
@@ -125,6 +126,13 @@ class _Slot:
     # cache holds only the window before its end, so it can be extended but not cut shorter.
     floor: int = 0
     prompt_len: int = 0  # the last request's prompt, the first part of `tokens`
+
+
+def _slot_state(slot: _Slot) -> str:
+    job = slot.job
+    if job is None:
+        return "idle"
+    return "prefill" if job.pending or job.waiting_on is not None else "decode"
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -147,6 +155,8 @@ def _usable(slot: _Slot, prompt: list[int]) -> int:
 
 class LlamaCppEngine:
     """A loaded GGUF model serving many requests at once through llama.cpp."""
+
+    takes_text = False  # the pipeline renders and tokenizes for it
 
     def __init__(self, info: ModelInfo, options: EngineOptions | None = None) -> None:
         self.info = info
@@ -408,6 +418,8 @@ class LlamaCppEngine:
                 "requests_total": self.requests_total,
                 "tokens_generated": self.tokens_generated,
                 "finished": dict(self.finished),
+                # Per slot: idle, prefill or decode, and the tokens its cache holds.
+                "slot_states": [(_slot_state(s), len(s.tokens)) for s in self._slots],
             }
 
     def cancel_all(self) -> None:
@@ -504,6 +516,7 @@ class LlamaCppEngine:
 
     def _attach(self, slot: _Slot, job: _Job, prompt: list[int]) -> None:
         slot.job = job
+        job.gen.progress.slot = slot.seq
         if not job.started_at:
             job.started_at = time.perf_counter()
             job.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -531,6 +544,7 @@ class LlamaCppEngine:
                 if self._restore(slot, stored, n):
                     job.cached = n
                     job.pending = prompt[n:]
+                    job.gen.progress.cached = job.gen.progress.prompt_done = n
                     return
                 if src is slot:
                     best = _usable(slot, prompt)
@@ -561,6 +575,7 @@ class LlamaCppEngine:
             best = 0
         job.cached = best
         job.pending = prompt[best:]
+        job.gen.progress.cached = job.gen.progress.prompt_done = best
 
     # ----- the prefix store ----------------------------------------------------------------
 
@@ -762,6 +777,7 @@ class LlamaCppEngine:
                 continue
             chunk = job.pending[:budget]
             job.pending = job.pending[len(chunk) :]
+            job.gen.progress.prompt_done += len(chunk)
             last = not job.pending
             for k, tok in enumerate(chunk):
                 i = self._put(tok, len(slot.tokens), slot.seq, last and k == len(chunk) - 1)
@@ -816,6 +832,7 @@ class LlamaCppEngine:
                 n -= 1  # the next chunk starts with this row instead of it sitting alone
             chunk = job.pending[:n]
             job.pending = job.pending[n:]
+            job.gen.progress.prompt_done += n
             pos = len(slot.tokens)
             for k, tok in enumerate(chunk):
                 i = self._put(tok, pos + k, slot.seq, last and k == n - 1)
@@ -838,13 +855,15 @@ class LlamaCppEngine:
         assert job is not None
         tok = llama_cpp.llama_sampler_sample(job.sampler, self._ctx, i)
         if not job.first_token_at:
-            job.first_token_at = now
+            job.first_token_at = job.gen.progress.first_token_at = now
         if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
             self._finish(slot, "stop")
             return
         job.n_gen += 1
+        job.gen.progress.generated = job.n_gen
         self.tokens_generated += 1
-        if self._emit_text(job, self._piece(tok)):
+        special = tok in job.gen.request.preserved_tokens
+        if self._emit_text(job, self._piece(tok, special)):
             self._finish(slot, "stop")
         elif job.n_gen >= job.gen.request.max_tokens or (len(slot.tokens) + 1 >= self.n_ctx_slot):
             self._finish(slot, "length")
@@ -861,6 +880,7 @@ class LlamaCppEngine:
                 if k:
                     job.gen.emit(TokenText(text[:k]))
                 job.text_held = ""
+                job.stopped_by = s
                 return True
         hold = 0
         for s in stops:
@@ -903,7 +923,17 @@ class LlamaCppEngine:
         )
         self.last_timings = timings
         self.finished[reason] += 1
-        job.gen.emit(Finished(reason, n_prompt, job.n_gen, job.cached, timings, error))
+        job.gen.emit(
+            Finished(
+                reason,
+                n_prompt,
+                job.n_gen,
+                job.cached,
+                timings,
+                error,
+                stop_sequence=job.stopped_by,
+            )
+        )
 
     def _fail_all(self, message: str) -> None:
         with self._cond:
