@@ -13,8 +13,8 @@ from typing import Any
 
 from server.discovery import ModelInfo, discover, resolve_name
 from server.downloads import Download, DownloadQueue
+from server.engines import Engine, create_engine
 from server.engines.base import EngineOptions
-from server.engines.llamacpp import LlamaCppEngine
 from server.errors import (
     EngineFailure,
     InvalidRequest,
@@ -28,7 +28,7 @@ from server.memory import (
     MemoryEstimate,
     baseline_rss,
     default_budget,
-    estimate,
+    estimate_model,
     process_rss,
 )
 from server.settings import (
@@ -60,7 +60,7 @@ class LoadedModel:
     """One loaded instance and its state."""
 
     info: ModelInfo
-    engine: LlamaCppEngine
+    engine: Engine
     estimate: MemoryEstimate
     state: str = "ready"  # loading -> ready -> unloading
     loaded_at: float = field(default_factory=time.time)
@@ -183,7 +183,7 @@ class Registry:
                 self._publish(RegistryEvent("loading", info.id, detail=est.as_dict()))
                 t0 = time.perf_counter()
                 rss0 = baseline_rss()
-                engine = LlamaCppEngine(info, self.engine_options(info))
+                engine = create_engine(info, self.engine_options(info))
                 try:
                     engine.load()
                 except EngineFailure as e:
@@ -215,12 +215,12 @@ class Registry:
     def estimate_for(
         self, info: ModelInfo, ctx: int | None = None, parallel: int | None = None
     ) -> MemoryEstimate:
-        if info.header is None:
+        if info.header is None and info.mlx is None:
             raise ModelUnusable(
                 f"The model '{info.id}' cannot be loaded: {info.error}", param="model"
             )
         opts = self.engine_options(info)
-        return estimate(info.header, ctx or opts.n_ctx, parallel or opts.parallel)
+        return estimate_model(info, ctx or opts.n_ctx, parallel or opts.parallel)
 
     def plan(self, need: int, exclude: str = "") -> tuple[bool, list[str]]:
         """Whether `need` bytes fit now, and the idle models (LRU first) evicted to make room."""

@@ -25,8 +25,8 @@ from server.api.schemas import (
     SamplingFields,
 )
 from server.discovery import ModelInfo
+from server.engines import Engine
 from server.engines.base import Finished, GenerationRequest, SamplingParams, TokenText, stream
-from server.engines.llamacpp import LlamaCppEngine
 from server.errors import ContextOverflow, EngineFailure, InvalidRequest
 from server.grammar import json_grammar
 from server.registry import LoadedModel, Registry
@@ -125,7 +125,7 @@ def _sampling(body: SamplingFields, index: int) -> SamplingParams:
 
 
 def _requests(
-    engine: LlamaCppEngine,
+    engine: Engine,
     body: SamplingFields,
     prompts: list[list[int]],
     max_tokens: int | None,
@@ -479,7 +479,7 @@ class OpenAIController(Controller):
 
 
 async def _gather(
-    engine: LlamaCppEngine, reqs: list[GenerationRequest]
+    engine: Engine, reqs: list[GenerationRequest]
 ) -> tuple[list[str], list[Finished]]:
     texts: list[list[str]] = [[] for _ in reqs]
     finished: list[Finished | None] = [None] * len(reqs)
@@ -518,7 +518,7 @@ def _text_choice(i: int, text: str | None, reason: str | None) -> dict[str, Any]
 
 
 async def _sse_stream(
-    engine: LlamaCppEngine,
+    engine: Engine,
     reqs: list[GenerationRequest],
     *,
     head: list[dict[str, Any]],
@@ -548,7 +548,7 @@ async def _sse_stream(
 
 
 async def _sse_chunks(
-    engine: LlamaCppEngine,
+    engine: Engine,
     reqs: list[GenerationRequest],
     head: list[dict[str, Any]],
     choice: Any,
