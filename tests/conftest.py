@@ -65,6 +65,15 @@ def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def smollm2_mlx_dir(smollm2_path: Path) -> Path:
+    """The bundled SmolLM2 GGUF as an MLX model directory (tests/mlx_model.py), built once."""
+    from tests.mlx_model import mlx_dir_for
+
+    cache = Path(os.environ.get("LMX_TEST_CACHE", REAL_HOME / ".cache" / "lmx-tests"))
+    return mlx_dir_for(smollm2_path, cache)
+
+
 def make_settings(**kw: object) -> Settings:
     s = Settings(
         port=0, ctx=2048, parallel=4, threads=2, include_hf_cache=False, include_user_stores=False
