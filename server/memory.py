@@ -24,8 +24,11 @@ UBATCH = 63  # the engine's ubatch (see server.engines.llamacpp.BATCH_INVARIANT_
 COMPUTE_EMBD_FACTOR = 64
 # mlx-lm grows each KV cache in steps of this many tokens.
 MLX_KV_STEP = 256
-# mlx-lm's prefill chunk (EngineOptions.n_batch): its activations are the MLX compute allowance.
+# mlx-lm's prefill chunk (EngineOptions.n_batch): its activations are part of MLX's compute.
 MLX_PREFILL_STEP = 512
+# A loaded Hugging Face tokenizer takes about this many times its files' size (measured: 40 MB
+# for SmolLM2's 3.5 MB tokenizer.json, with the engine's own token table).
+MLX_TOKENIZER_FACTOR = 12
 DEFAULT_BUDGET_SHARE = 0.8  # of the RAM available when lmx starts
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -90,8 +93,9 @@ def estimate(header: GGUFHeader, ctx: int, parallel: int) -> MemoryEstimate:
 
 def estimate_mlx(meta: MlxMeta, ctx: int, parallel: int) -> MemoryEstimate:
     """Weights as stored in the safetensors files (MLX keeps quantized weights packed), a KV
-    cache of layers x KV heads x head dim x 2 (K and V) x ctx x slots in the activation dtype,
-    and one prefill chunk's activations plus each slot's logits."""
+    cache of layers x KV heads x head dim x 2 (K and V) x ctx x slots in the activation dtype
+    (mlx-lm allocates it as the context fills, in 256-token steps), and as compute one prefill
+    chunk's activations, each slot's logits and the tokenizer's objects."""
     n_train = meta.context_length or ctx
     ctx = max(64, min(ctx, n_train))
     kv_ctx = -(-ctx // MLX_KV_STEP) * MLX_KV_STEP
@@ -101,6 +105,7 @@ def estimate_mlx(meta: MlxMeta, ctx: int, parallel: int) -> MemoryEstimate:
     heads = int(meta.value("num_attention_heads", 0) or 0)
     width = 4 * meta.hidden_size + 3 * meta.intermediate_size
     compute = fb * step * (width + heads * ctx) + 4 * parallel * meta.vocab_size
+    compute += MLX_TOKENIZER_FACTOR * meta.tokenizer_bytes
     return MemoryEstimate(meta.weights_bytes, kv, compute, ctx, parallel)
 
 

@@ -147,6 +147,16 @@ class MlxMeta:
         return int(self.value("vocab_size", 0) or 0)
 
     @property
+    def tokenizer_bytes(self) -> int:
+        """Size of the tokenizer's files (its Python objects take a multiple of it)."""
+        total = 0
+        for name in (*TOKENIZER_FILES, "merges.txt"):
+            f = self.path / name
+            if f.is_file():
+                total += f.stat().st_size
+        return total
+
+    @property
     def intermediate_size(self) -> int:
         return int(self.value("intermediate_size", 0) or 0)
 

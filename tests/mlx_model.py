@@ -250,3 +250,38 @@ def _write_tokenizer(meta: dict[str, Any], out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2))
     special = {k: tcfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
+def f32_gguf_for(gguf_path: Path, cache: Path) -> Path:
+    """The same GGUF with every tensor dequantized to F32 (llama.cpp then multiplies in plain
+    float, as MLX does, instead of quantizing activations to 8 bits), built on first use."""
+    st = gguf_path.stat()
+    target = cache / f"{gguf_path.stem.lower()}-f32-v{FORMAT_VERSION}-{st.st_size}.gguf"
+    if not target.exists():
+        partial = target.with_name(target.name + ".partial")
+        write_f32_gguf(gguf_path, partial)
+        partial.replace(target)
+    return target
+
+
+def write_f32_gguf(src: Path, out: Path) -> None:
+    """Copy `src` with its metadata unchanged and its tensors dequantized."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(src)
+    writer = GGUFWriter(out, arch=str(reader.fields["general.architecture"].contents()))
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        sub = f.types[1] if f.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+    writer.add_file_type(LlamaFileType.ALL_F32)
+    for t in reader.tensors:
+        data = dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+        shape = [int(d) for d in reversed(t.shape)]
+        writer.add_tensor(t.name, data.reshape(shape))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

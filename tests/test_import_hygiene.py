@@ -9,7 +9,7 @@ import sys
 def test_server_never_imports_textual() -> None:
     code = (
         "import sys, server.cli, server.registry, server.api.app, server.runner, "
-        "server.engines.llamacpp;"
+        "server.engines.llamacpp, server.engines.mlx;"
         "bad = sorted(m for m in sys.modules if m == 'textual' or m.startswith('textual.') "
         "or m.startswith('lmx_tui'));"
         "print(bad); sys.exit(1 if bad else 0)"

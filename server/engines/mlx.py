@@ -15,7 +15,6 @@ is enforced with llguidance when it is installed: the grammar masks each step's 
 from __future__ import annotations
 
 import codecs
-import copy
 import json
 import logging
 import random
@@ -55,7 +54,10 @@ def grammar_supported() -> bool:
     """Whether this installation can enforce GBNF grammars on MLX models (llguidance)."""
     import importlib.util
 
-    return importlib.util.find_spec("llguidance") is not None
+    try:
+        return importlib.util.find_spec("llguidance") is not None
+    except (ImportError, ValueError):  # a broken install, or the module blocked on purpose
+        return False
 
 
 @dataclass
@@ -113,6 +115,7 @@ class MlxEngine:
         self._generator: Any = None
         self._ll_tokenizer: Any = None
         self._ll_lock = threading.Lock()
+        self._tok_lock = threading.Lock()  # the tokenizer's special-token switch is shared
         self.n_ctx_slot = self.options.n_ctx
         self.n_vocab = 0
         self.requests_total = 0
@@ -157,20 +160,23 @@ class MlxEngine:
         self._hf = hf
         backend = hf.backend_tokenizer
         self._backend = backend
-        # The same tokenizer reading "<|im_start|>" in user text as plain characters.
-        self._backend_plain = copy.copy(backend)
-        self._backend_plain.encode_special_tokens = True
         text_config = config.get("text_config") or {}
         self.n_vocab = int(
             config.get("vocab_size") or text_config.get("vocab_size") or len(tokenizer)
         )
-        self._token_bytes = _token_bytes_table(backend, max(self.n_vocab, len(tokenizer)))
+        self._grammar_vocab = max(self.n_vocab, len(tokenizer))
+        self._token_bytes = _token_bytes_table(backend, self._grammar_vocab)
         self._eos = sorted(int(t) for t in tokenizer.eos_token_ids)
         n_train = self.info.context_length or 0
         opts = self.options
         self.n_ctx_slot = max(64, min(opts.n_ctx, n_train) if n_train > 0 else opts.n_ctx)
-        template = opts.chat_template or hf.chat_template or self.info.chat_template
-        self._template = template or CHATML_TEMPLATE
+        self._template = opts.chat_template or hf.chat_template or self.info.chat_template
+        # A few models have no Jinja template but a renderer in mlx-lm (chat_template_type).
+        self._renderer = (
+            tokenizer if self._template is None and tokenizer.has_chat_template else None
+        )
+        if self._template is None and self._renderer is None:
+            self._template = CHATML_TEMPLATE
         self._bos_text = hf.bos_token or ""
 
     def _make_generator(self) -> Any:
@@ -192,8 +198,15 @@ class MlxEngine:
         return int(self.n_ctx_slot)
 
     def tokenize(self, text: str, *, add_special: bool = True, special: bool = True) -> list[int]:
-        backend = self._backend if special else self._backend_plain
-        return list(backend.encode(text, add_special_tokens=add_special).ids)
+        backend = self._backend
+        with self._tok_lock:
+            # special=False: "<|im_start|>" in user text is plain characters, not a control
+            # token. The switch lives on the shared tokenizer, hence the lock.
+            backend.encode_special_tokens = not special
+            try:
+                return list(backend.encode(text, add_special_tokens=add_special).ids)
+            finally:
+                backend.encode_special_tokens = False
 
     def detokenize(self, tokens: list[int]) -> str:
         table = self._token_bytes
@@ -205,13 +218,18 @@ class MlxEngine:
         self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
     ) -> str:
         try:
-            out = self._hf.apply_chat_template(
-                messages,
-                tools=tools,
-                chat_template=self._template,
-                add_generation_prompt=True,
-                tokenize=False,
-            )
+            if self._renderer is not None:
+                out = self._renderer.apply_chat_template(
+                    messages, tools=tools, add_generation_prompt=True, tokenize=False
+                )
+            else:
+                out = self._hf.apply_chat_template(
+                    messages,
+                    tools=tools,
+                    chat_template=self._template,
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
         except Exception as e:  # template errors (raise_exception, jinja) are the caller's
             raise InvalidRequest(
                 f"The chat template rejected the messages: {e}", param="messages"
@@ -282,11 +300,12 @@ class MlxEngine:
             if self._ll_tokenizer is None:
                 import llguidance
 
-                backend = copy.copy(self._backend)
-                backend.no_padding()
-                backend.no_truncation()
+                with self._tok_lock:
+                    spec = self._backend.to_str()
                 self._ll_tokenizer = llguidance.LLTokenizer(
-                    backend.to_str(), n_vocab=self.n_vocab, eos_token=self._eos[0]
+                    spec,
+                    n_vocab=self._grammar_vocab,
+                    eos_token=self._eos[0] if self._eos else None,
                 )
             return self._ll_tokenizer
 
@@ -512,7 +531,7 @@ class MlxEngine:
             frequency_context_size=PENALTY_LAST_N,
         )
         if job.grammar is not None:
-            procs.append(_GrammarMask(job.grammar, self.n_vocab))
+            procs.append(_GrammarMask(job.grammar, self._grammar_vocab))
         return procs
 
     def _step(self) -> None:
@@ -626,7 +645,10 @@ class _GrammarMask:
         words = (self.n_vocab + 31) // 32
         mask = np.full((1, words), -1, dtype=np.int32)
         self.matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
-        bits = np.unpackbits(mask.view(np.uint8), bitorder="little")[: logits.shape[-1]]
+        width = int(logits.shape[-1])
+        bits = np.unpackbits(mask.view(np.uint8), bitorder="little")[:width]
+        if len(bits) < width:  # logits wider than the vocabulary: padding rows, never allowed
+            bits = np.pad(bits, (0, width - len(bits)))
         allowed = mx.array(bits.astype(np.bool_))
         return mx.where(allowed, logits, mx.array(float("-inf"), dtype=logits.dtype))
 
