@@ -185,6 +185,16 @@ def test_temperature_zero_is_deterministic(engine: Engine) -> None:
     assert first == second and first
 
 
+def test_a_repeated_prompt_reuses_the_cached_prefix(engine: Engine) -> None:
+    p = prompt(engine, "The history of the printing press begins in")
+    req = GenerationRequest(p, 4, GREEDY, ignore_eos=True)
+    first, _ = run(engine, req)
+    second, f2 = run(engine, req)
+    assert first == second
+    assert len(p) // 2 <= f2.cached_tokens <= len(p)
+    assert f2.timings is not None and f2.timings.cached_tokens == f2.cached_tokens
+
+
 def test_seed_makes_sampling_reproducible(engine: Engine) -> None:
     sampling = SamplingParams(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=1234)
     req = GenerationRequest(prompt(engine, "My favourite word is"), 8, sampling, ignore_eos=True)

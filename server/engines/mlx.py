@@ -10,6 +10,11 @@ Text is produced as llama.cpp does it: every token maps to its bytes (byte-level
 SentencePiece vocabularies are read from tokenizer.json), an incremental UTF-8 decoder joins
 them, and text that could start a stop string is held back. Structured output (a GBNF grammar)
 is enforced with llguidance when it is installed: the grammar masks each step's logits.
+
+Prompt caching: the KV cache of every finished sequence goes into mlx-lm's `LRUPromptCache`;
+a new request starts from the entry sharing the longest prefix with its prompt (trimmed to
+that prefix), so a chat's next turn computes only its new tokens. Kept caches plus running
+sequences stay within the KV budget the memory estimate reserved.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from server.errors import ContextOverflow, EngineFailure, InvalidRequest, QueueF
 log = logging.getLogger(__name__)
 
 PENALTY_LAST_N = 64  # as the llama.cpp engine
+_CACHE_KEY = "model"  # LRUPromptCache keys entries by model; an engine has one
 # For a model directory without a chat template (base models).
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -71,6 +77,7 @@ class _Job:
     text_held: str = ""
     decoder: Any = None
     grammar: Any = None  # llguidance matcher, compiled at submit
+    cached: int = 0  # prompt tokens taken from the prompt cache
 
 
 @dataclass
@@ -113,6 +120,8 @@ class MlxEngine:
         self._model: Any = None
         self._tokenizer: Any = None  # mlx-lm's TokenizerWrapper
         self._generator: Any = None
+        self._prompt_cache: Any = None  # mlx-lm's LRUPromptCache
+        self._kv_budget = 0
         self._ll_tokenizer: Any = None
         self._ll_lock = threading.Lock()
         self._tok_lock = threading.Lock()  # the tokenizer's special-token switch is shared
@@ -190,6 +199,18 @@ class MlxEngine:
             prefill_batch_size=n,
             prefill_step_size=max(16, self.options.n_batch),
         )
+
+    def _make_prompt_cache(self) -> Any:
+        from mlx_lm.models.cache import LRUPromptCache
+
+        from server.memory import estimate_mlx
+
+        n = max(1, self.options.parallel)
+        if self.info.mlx is not None:
+            self._kv_budget = estimate_mlx(self.info.mlx, self.n_ctx_slot, n).kv_cache
+        else:
+            self._kv_budget = 1 << 62
+        return LRUPromptCache(max_size=n)
 
     # ----- the model's text side ------------------------------------------------------------
 
@@ -403,6 +424,7 @@ class MlxEngine:
             try:
                 self._load_model()
                 self._generator = self._make_generator()
+                self._prompt_cache = self._make_prompt_cache()
             except Exception as e:
                 self._load_error = e
                 return
@@ -419,13 +441,13 @@ class MlxEngine:
             if self._generator is not None:
                 self._generator.close()
             self._generator = None
+            self._prompt_cache = None
             self._model = None
             mx.clear_cache()
             # This thread's streams must go with it (see the module docstring).
             mx.clear_streams()
 
     def _loop(self) -> None:
-        gen = self._generator
         while True:
             with self._cond:
                 while (
@@ -458,7 +480,7 @@ class MlxEngine:
                     call.error = e
                 call.done.set()
             if cancelled:
-                gen.remove([j.uid for j in cancelled])
+                self._remove([j.uid for j in cancelled])
                 for job in cancelled:
                     self._finish(job, "cancelled")
             for job in admitted:
@@ -468,6 +490,7 @@ class MlxEngine:
 
     def _insert(self, job: _Job) -> None:
         from mlx_lm.generate import StopSequences
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
         req = job.gen.request
         prompt = req.prompt_tokens
@@ -477,9 +500,20 @@ class MlxEngine:
         if not prompt or room <= 0:
             self._finish(job, "length")
             return
+        cache, rest = self._prompt_cache.fetch_nearest_cache(_CACHE_KEY, prompt)
+        if cache is not None and not rest:
+            # All of it is cached, but the first token needs the last prompt token's logits.
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                rest = prompt[-1:]
+            else:
+                cache, rest = None, prompt
+        job.cached = len(prompt) - len(rest)
         stops = StopSequences([] if req.ignore_eos else [[t] for t in self._eos])
         (uid,) = self._generator.insert(
-            [prompt],
+            [rest],
+            caches=[cache],
+            all_tokens=[prompt[: job.cached]],
             max_tokens=[max(1, min(req.max_tokens, room))],
             samplers=[self._make_sampler(req)],
             logits_processors=[self._make_processors(req, job)],
@@ -545,6 +579,8 @@ class MlxEngine:
             if not job.first_token_at:
                 job.first_token_at = now
             token = int(r.token)
+            if r.finish_reason is not None:
+                self._keep_cache(r.all_tokens, r.prompt_cache)
             if r.finish_reason == "stop":  # an end-of-generation token: not text
                 self._finish(job, "stop")
                 continue
@@ -553,10 +589,22 @@ class MlxEngine:
             piece = self._token_bytes[token] if token < len(self._token_bytes) else b""
             if self._emit_text(job, piece):
                 if r.finish_reason is None:
-                    self._generator.remove([r.uid])
+                    self._remove([r.uid])
                 self._finish(job, "stop")
             elif r.finish_reason is not None:
                 self._finish(job, "length")
+
+    def _remove(self, uids: list[int]) -> None:
+        """Take sequences out of the batch, keeping their KV caches for later prompts."""
+        for cache, tokens in self._generator.remove(uids, return_prompt_caches=True).values():
+            self._keep_cache(tokens, cache)
+
+    def _keep_cache(self, tokens: list[int] | None, cache: list[Any] | None) -> None:
+        if not tokens or not cache:
+            return
+        self._prompt_cache.insert_cache(_CACHE_KEY, list(tokens), cache)
+        room = self._kv_budget - self._generator.prompt_cache_nbytes
+        self._prompt_cache.trim_to(n_bytes=max(0, room))
 
     def _emit_text(self, job: _Job, piece: bytes) -> bool:
         """Send text, holding back what could be the start of a stop string. True: stopped."""
@@ -600,14 +648,14 @@ class MlxEngine:
             queue_ms=(started - job.queued_at) * 1000,
             ttft_ms=(first - job.queued_at) * 1000,
             prompt_tokens=n_prompt,
-            cached_tokens=0,
-            prefill_tokens_per_s=n_prompt / prefill_s,
+            cached_tokens=job.cached,
+            prefill_tokens_per_s=(n_prompt - job.cached) / prefill_s,
             decode_tokens_per_s=(job.n_gen - 1) / decode_s if job.n_gen > 1 and decode_s else 0.0,
             total_ms=(end - job.queued_at) * 1000,
         )
         self.last_timings = timings
         self.finished[reason] += 1
-        job.gen.emit(Finished(reason, n_prompt, job.n_gen, 0, timings, error))
+        job.gen.emit(Finished(reason, n_prompt, job.n_gen, job.cached, timings, error))
 
     def _fail_all(self, message: str) -> None:
         with self._cond:
