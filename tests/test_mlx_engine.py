@@ -227,10 +227,16 @@ def test_kv_estimate_matches_mlx_lm_cache(smollm2_mlx_dir: Path) -> None:
     from mlx_lm.utils import load_model
 
     model, _ = load_model(smollm2_mlx_dir)
-    cache = make_prompt_cache(model)
-    model(mx.array([[1] * 20]), cache=cache)
-    mx.eval([c.state for c in cache])
-    used = sum(c.nbytes for c in cache)
+    try:
+        cache = make_prompt_cache(model)
+        model(mx.array([[1] * 20]), cache=cache)
+        mx.eval([c.state for c in cache])
+        used = sum(c.nbytes for c in cache)
+    finally:
+        # MLX's rule for a thread done with it (here the test's): free what it made, then its
+        # streams, or the process can crash at exit.
+        del model, cache
+        mx.clear_streams()
     info = describe_mlx_dir("m", smollm2_mlx_dir, "test")
     assert estimate_model(info, 20, 1).kv_cache == used  # one 256-token step
 
