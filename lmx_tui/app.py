@@ -27,9 +27,10 @@ from lmx_tui.widgets.hub import HubPane
 from lmx_tui.widgets.models import ModelBrowser
 from lmx_tui.widgets.requests import RequestsPane
 from server.errors import LmxError
-from server.registry import Registry, RegistryEvent
+from server.events import LmxEvent
 from server.runner import PortInUse, ServerThread
-from server.settings import Settings
+from server.runtime import Runtime
+from server.settings import ConfigStore
 from server.telemetry import RequestRecord, SystemSnapshot
 
 TABS = (
@@ -56,10 +57,10 @@ def styles_path() -> Path:
     return here if here.exists() else Path(__file__).parent.parent / "styles" / "app.tcss"
 
 
-class RegistryChanged(Message):
-    """A model was loaded, unloaded or failed to load (from any thread)."""
+class RuntimeEvent(Message):
+    """A model was loaded, unloaded or failed to load, a download moved (from any thread)."""
 
-    def __init__(self, event: RegistryEvent) -> None:
+    def __init__(self, event: LmxEvent) -> None:
         super().__init__()
         self.event = event
 
@@ -125,7 +126,7 @@ class HelpScreen(ModalScreen[None]):
 
 
 class LmxApp(App[None]):
-    """Desktop-style manager; every pane reads the one registry the HTTP server uses."""
+    """Desktop-style manager; every pane reads the one runtime the HTTP server uses."""
 
     TITLE = "lmx"
     CSS_PATH = styles_path()
@@ -150,7 +151,7 @@ class LmxApp(App[None]):
 
     def __init__(
         self,
-        registry: Registry,
+        rt: Runtime,
         *,
         server: ServerThread | None = None,
         server_note: str = "",
@@ -158,10 +159,10 @@ class LmxApp(App[None]):
         sample_interval: float = 0.5,
     ) -> None:
         super().__init__()
-        self.registry = registry
+        self.rt = rt
         self.server = server
         self.server_note = server_note
-        self._sampler = MonitorSampler(registry, system_sampler)
+        self._sampler = MonitorSampler(rt, system_sampler)
         self._interval = sample_interval
         self._thread: SamplerThread | None = None
         self._unsubscribe: list[Callable[[], None]] = []
@@ -175,11 +176,11 @@ class LmxApp(App[None]):
             with TabPane("Models", id="models"):
                 yield ModelBrowser(id="browser")
             with TabPane("Hub", id="hub"):
-                yield HubPane(self.registry, id="hub-pane")
+                yield HubPane(self.rt, id="hub-pane")
             with TabPane("Downloads", id="downloads"):
                 yield DownloadsPane(id="downloads-pane")
             with TabPane("Chat", id="chat"):
-                yield ChatPane(self.registry, id="chat-pane")
+                yield ChatPane(self.rt, id="chat-pane")
             with TabPane("Monitor", id="monitor"):
                 yield GaugesPane(id="gauges")
             with TabPane("Requests", id="requests"):
@@ -194,10 +195,10 @@ class LmxApp(App[None]):
         if self.server_note:
             self.notify(self.server_note, severity="warning", timeout=10)
         self._unsubscribe.append(
-            self.registry.subscribe(lambda ev: self.post_message(RegistryChanged(ev)))
+            self.rt.events.subscribe(lambda ev: self.post_message(RuntimeEvent(ev)))
         )
         self._unsubscribe.append(
-            self.registry.requests.subscribe(lambda rec: self.post_message(RequestFinished(rec)))
+            self.rt.requests.subscribe(lambda rec: self.post_message(RequestFinished(rec)))
         )
         for name in ("server", "uvicorn.error"):
             logging.getLogger(name).addHandler(self._log_handler)
@@ -217,35 +218,28 @@ class LmxApp(App[None]):
     # ----- state down ----------------------------------------------------------------------
 
     def refresh_models(self) -> None:
-        models = self.registry.models()
-        states = {lm.info.id: lm.state for lm in self.registry.loaded()}
-        states.update(
-            {
-                m.id: f"{states.get(m.id, 'available')} (pinned)"
-                for m in models
-                if self.registry.is_pinned(m.id)
-            }
-        )
+        sched = self.rt.scheduler
+        models = self.rt.catalog.models()
+        states = {m.id: self._state(m.id) for m in models}
         memory: dict[str, tuple[int, bool]] = {}
         for m in models:
             if m.usable:
-                lm = self.registry.get_loaded(m.id)
-                est = lm.estimate if lm else self.registry.estimate_for(m)
-                fits = lm is not None or self.registry.plan(est.total, exclude=m.id)[0]
+                lm = sched.get(m.id)
+                est = lm.estimate if lm else sched.estimate_for(m)
+                fits = lm is not None or sched.plan(est, exclude=m.id).fits
                 memory[m.id] = (est.total, fits)
         self.query_one(ModelBrowser).show(models, states, memory)
         self.query_one(ChatPane).set_models([m.id for m in models if m.usable])
 
     def _state(self, model_id: str, live: str | None = None) -> str:
-        lm = self.registry.get_loaded(model_id)
-        state = live or (lm.state if lm else "available")
-        return f"{state} (pinned)" if self.registry.is_pinned(model_id) else state
+        state = live or self.rt.scheduler.state_of(model_id)
+        return f"{state} (pinned)" if self.rt.scheduler.is_pinned(model_id) else state
 
     @_while_mounted
-    def on_registry_changed(self, message: RegistryChanged) -> None:
+    def on_runtime_event(self, message: RuntimeEvent) -> None:
         ev = message.event
         if ev.kind.startswith("download_"):
-            self.query_one(DownloadsPane).show(self.registry.downloads.list())
+            self.query_one(DownloadsPane).show(self.rt.downloads.list())
             if ev.kind == "download_done":
                 self.refresh_models()
                 self.notify(f"downloaded {ev.model}")
@@ -253,9 +247,10 @@ class LmxApp(App[None]):
                 self.notify(f"{ev.model}: {ev.detail.get('error')}", severity="error")
             return
         if ev.kind == "loading":
-            states = {lm.info.id: lm.state for lm in self.registry.loaded()}
-            states[ev.model] = "loading"
-            self.query_one(ModelBrowser).show(self.registry.models(), states)
+            models = self.rt.catalog.models()
+            states = {m.id: self._state(m.id) for m in models}
+            states[ev.model] = self._state(ev.model, "loading")
+            self.query_one(ModelBrowser).show(models, states)
             return
         if ev.kind == "load_failed":
             self.notify(f"{ev.model}: {ev.detail.get('error')}", severity="error")
@@ -285,7 +280,8 @@ class LmxApp(App[None]):
 
     async def _load(self, model_id: str) -> None:
         try:
-            lm = await asyncio.to_thread(self.registry.ensure_loaded, model_id)
+            info = self.rt.catalog.resolve(model_id)
+            lm = await asyncio.to_thread(self.rt.scheduler.load, info)
         except LmxError as e:
             self.notify(e.message, severity="error")
             return
@@ -295,7 +291,7 @@ class LmxApp(App[None]):
         self.run_worker(self._unload(message.model_id), group="models")
 
     async def _unload(self, model_id: str) -> None:
-        if await asyncio.to_thread(self.registry.unload, model_id):
+        if await asyncio.to_thread(self.rt.scheduler.unload, model_id):
             self.notify(f"unloaded {model_id}")
         else:
             self.notify(f"{model_id} is not loaded", severity="warning")
@@ -305,29 +301,29 @@ class LmxApp(App[None]):
 
     async def _pull(self, repo: str, file: str) -> None:
         try:
-            jobs = await asyncio.to_thread(self.registry.pull, repo, None, file)
+            jobs = await asyncio.to_thread(self.rt.pull, repo, None, file)
         except LmxError as e:
             self.notify(e.message, severity="error")
             return
-        self.query_one(DownloadsPane).show(self.registry.downloads.list())
+        self.query_one(DownloadsPane).show(self.rt.downloads.list())
         self.notify(f"downloading {len(jobs)} file(s) from {repo} (F7)")
 
     def on_downloads_pane_act(self, message: DownloadsPane.Act) -> None:
-        queue = self.registry.downloads
+        queue = self.rt.downloads
         action = {"cancel": queue.cancel, "pause": queue.pause, "resume": queue.resume}
         action[message.action](message.job_id)
         self.query_one(DownloadsPane).show(queue.list())
 
     def on_model_browser_pin(self, message: ModelBrowser.Pin) -> None:
-        pinned = self.registry.is_pinned(message.model_id)
-        self.registry.pin(message.model_id, not pinned)
+        pinned = self.rt.scheduler.is_pinned(message.model_id)
+        self.rt.scheduler.pin(message.model_id, not pinned)
         self.notify(f"{'unpinned' if pinned else 'pinned'} {message.model_id}")
 
     def on_model_browser_rescan(self, message: ModelBrowser.Rescan) -> None:
         self.run_worker(self._rescan(), group="models")
 
     async def _rescan(self) -> None:
-        found = await asyncio.to_thread(self.registry.refresh)
+        found = await asyncio.to_thread(self.rt.catalog.refresh)
         self.refresh_models()
         self.notify(f"{len(found)} models found")
 
@@ -376,7 +372,7 @@ class LmxApp(App[None]):
             "Look for models again",
             lambda: self.run_worker(self._rescan(), group="models"),
         )
-        for m in self.registry.models():
+        for m in self.rt.catalog.models():
             if not m.usable:
                 continue
             yield SystemCommand(
@@ -384,7 +380,7 @@ class LmxApp(App[None]):
                 f"{m.architecture} · {m.quantization}",
                 lambda i=m.id: self.run_worker(self._load(i), group="models"),
             )
-        for lm in self.registry.loaded():
+        for lm in self.rt.scheduler.loaded():
             yield SystemCommand(
                 f"Unload {lm.info.id}",
                 "free its memory",
@@ -392,25 +388,25 @@ class LmxApp(App[None]):
             )
 
 
-def start_server(registry: Registry, settings: Settings) -> tuple[ServerThread | None, str]:
+def start_server(rt: Runtime) -> tuple[ServerThread | None, str]:
     """The embedded server, or why it is off (shown in the UI, never a traceback)."""
-    refusal = settings.bind_refusal()
+    refusal = rt.settings.bind_refusal()
     if refusal:
         return None, f"server off: {refusal}"
     try:
-        return ServerThread(registry, settings).start(), ""
+        return ServerThread(rt).start(), ""
     except (PortInUse, RuntimeError) as e:
         return None, f"server off: {e}"
 
 
-def run_tui(settings: Settings, *, serve: bool = True) -> None:
+def run_tui(config: ConfigStore, *, serve: bool = True) -> None:
     """`lmx`: the app on the main thread, the HTTP server on a worker thread."""
-    registry = Registry(settings)
-    registry.watch_config()
-    server, note = start_server(registry, settings) if serve else (None, "server off")
+    rt = Runtime(config)
+    rt.watch_config()
+    server, note = start_server(rt) if serve else (None, "server off")
     try:
-        LmxApp(registry, server=server, server_note=note).run()
+        LmxApp(rt, server=server, server_note=note).run()
     finally:
         if server is not None:
             server.stop()
-        registry.close()
+        rt.close()

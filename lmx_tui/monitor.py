@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from textual.message import Message
 
-from server.registry import Registry
+from server.runtime import Runtime
 from server.telemetry import SystemSampler, SystemSnapshot
 
 
@@ -50,31 +50,36 @@ class SnapshotReady(Message):
 class MonitorSampler:
     """Takes snapshots of the machine and of every loaded model."""
 
-    def __init__(self, registry: Registry, system: Callable[[], SystemSnapshot] | None = None):
-        self.registry = registry
+    def __init__(self, rt: Runtime, system: Callable[[], SystemSnapshot] | None = None):
+        self.rt = rt
         self._system = system or SystemSampler().sample
         self._last: dict[str, tuple[float, int]] = {}
 
     def sample(self) -> MonitorSnapshot:
         now = time.monotonic()
         models = []
-        for lm in self.registry.loaded():
+        last_ttft: dict[str, float] = {}
+        for rec in self.rt.requests.recent(200):
+            if rec.model and rec.ttft_ms is not None:
+                last_ttft[rec.model] = rec.ttft_ms
+        for lm in self.rt.scheduler.loaded():
+            if lm.engine is None:
+                continue
             st = lm.engine.stats()
             total = int(st["tokens_generated"])
             t0, n0 = self._last.get(lm.info.id, (now, total))
             rate = (total - n0) / (now - t0) if now > t0 else 0.0
             self._last[lm.info.id] = (now, total)
-            last = lm.engine.last_timings
             models.append(
                 ModelStat(
                     model=lm.info.id,
-                    state="busy" if st["slots_busy"] else lm.state,
+                    state="busy" if st["slots_busy"] else str(lm.state),
                     slots=int(st["slots"]),
                     slots_busy=int(st["slots_busy"]),
                     queue_depth=int(st["queue_depth"]),
                     tokens_total=total,
                     tokens_per_s=max(0.0, rate),
-                    ttft_ms=last.ttft_ms if last else None,
+                    ttft_ms=last_ttft.get(lm.info.id),
                 )
             )
         return MonitorSnapshot(self._system(), tuple(models))

@@ -1,4 +1,4 @@
-"""Renders every screen of the real app (real registry, real model, real server) to SVG.
+"""Renders every screen of the real app (real runtime, real model, real server) to SVG.
 
 uv run python screenshots/render.py
 """
@@ -16,17 +16,17 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 from lmx_tui.app import LmxApp  # noqa: E402
-from server.registry import Registry  # noqa: E402
 from server.runner import ServerThread  # noqa: E402
-from server.settings import Settings  # noqa: E402
+from server.runtime import Runtime  # noqa: E402
+from server.settings import ConfigStore  # noqa: E402
 
 SIZE = (110, 32)
 
 
 async def main() -> None:
-    settings = Settings(port=0, ctx=2048, include_hf_cache=False)
-    registry = Registry(settings)
-    server = ServerThread(registry, settings).start()
+    config = ConfigStore(flags={"port": 0, "ctx": 2048, "hf_cache": False}, env={})
+    registry = Runtime(config)
+    server = ServerThread(registry).start()
     app = LmxApp(registry, server=server, sample_interval=0.25)
     shots: list[str] = []
 
@@ -39,7 +39,7 @@ async def main() -> None:
         async with app.run_test(size=SIZE) as pilot:
             await shot("models")
             await pilot.press("l")
-            while registry.get_loaded(registry.resolve("default").id) is None:
+            while registry.scheduler.get(registry.catalog.resolve("default").id) is None:
                 await pilot.pause(0.1)
             await shot("models-loaded")
             await pilot.press("enter")
@@ -70,7 +70,7 @@ async def main() -> None:
                 )
             )
             await pilot.press("f4")
-            engine = registry.loaded()[0].engine
+            engine = registry.scheduler.loaded()[0].engine
             t0 = time.monotonic()
             while time.monotonic() - t0 < 1.5 or not engine.stats()["slots_busy"]:
                 await pilot.pause(0.1)

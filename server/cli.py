@@ -1,103 +1,79 @@
-"""The `lmx` command: the TUI by default, `--no-ui` for a headless server, `ls` and `run`."""
+"""The `lmx` command. Without a command: the app (`lmx_tui` passes itself in as `run_app`);
+`--no-ui` runs the server headless. `ls`, `run`, `pull`, `rm`, `ps` and `stop` talk to a
+running lmx server when one answers (as Ollama's CLI does), and work in-process otherwise
+(`ps` and `stop` need a server)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
-import os
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from server import __version__
 from server.settings import (
+    SETTINGS,
     ConfigError,
+    ConfigStore,
     Settings,
     default_config_path,
-    parse_duration,
-    parse_memory,
 )
 from server.units import human_params, human_size
 
+RunApp = Callable[[ConfigStore, bool], None]
+
 
 class CliError(Exception):
-    """A user mistake: printed as one line, exit status 2."""
+    """A user mistake or an unreachable thing: printed as one line, exit status 2."""
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _settings_flags(p: argparse.ArgumentParser) -> None:
+    """Every setting that has a flag, from the settings table."""
     p.add_argument(
         "--config",
         type=Path,
         metavar="FILE",
         help="TOML config file (default: $LMX_CONFIG or ~/.config/lmx/config.toml)",
     )
-    p.add_argument(
-        "--model-dir",
-        type=Path,
-        action="append",
-        default=None,
-        metavar="DIR",
-        help="folder searched recursively for GGUF models (repeatable)",
-    )
-    p.add_argument("--ctx", type=int, metavar="N", help="context length per slot (default 4096)")
-    p.add_argument(
-        "--parallel", type=int, metavar="N", help="requests decoded together per model (default 4)"
-    )
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads per model")
-    p.add_argument(
-        "--gpu-layers",
-        type=int,
-        metavar="N",
-        help="layers offloaded to the GPU (-1: all, the default)",
-    )
-    p.add_argument(
-        "--max-memory",
-        metavar="SIZE",
-        help="memory budget for loaded models, e.g. 8G (default: 80%% of free RAM)",
-    )
-    p.add_argument(
-        "--max-loaded-models",
-        type=int,
-        metavar="N",
-        help="most models loaded at once (default: no limit but memory)",
-    )
-    p.add_argument(
-        "--keep-alive",
-        metavar="DURATION",
-        help="unload a model this long after its last request: 5m (default), "
-        "30s, 1h, 0 (at once), -1 (never)",
-    )
+    for s in SETTINGS:
+        if s.flag is None:
+            continue
+        kw: dict[str, Any] = {"dest": s.name, "help": s.help, "default": None}
+        if s.kind in ("paths", "strs"):
+            kw.update(action="append", metavar="DIR" if s.kind == "paths" else "ORIGIN")
+        else:
+            kw["metavar"] = {
+                "int": "N",
+                "float": "N",
+                "duration": "DURATION",
+                "size": "SIZE",
+                "path": "FILE",
+            }.get(s.kind, "VALUE")
+        p.add_argument(s.flag, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lmx",
-        description="Local LLM server manager. Without a command: the terminal UI and the "
+        description="Local LLM server manager. Without a command: the terminal app and the "
         "API server together.",
     )
     parser.add_argument("--version", action="version", version=f"lmx {__version__}")
     parser.add_argument("--no-ui", action="store_true", help="run the API server headless")
     parser.add_argument(
-        "--no-server", action="store_true", help="TUI only, without the HTTP server"
-    )
-    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port to listen on (default 8421; 0: any)")
-    parser.add_argument(
-        "--api-key", help="require this key (Bearer) on every request (default: $LMX_API_KEY)"
-    )
-    parser.add_argument(
-        "--max-queue",
-        type=int,
-        metavar="N",
-        help="requests that may wait per model before 429 (default 64)",
+        "--no-server", action="store_true", help="the app only, without the HTTP server"
     )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
-    _common(parser)
+    _settings_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     ls = sub.add_parser("ls", help="list available models")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
@@ -106,63 +82,41 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="memory each model needs (at --ctx/--parallel) and whether it fits",
     )
-    _common(ls)
+    _settings_flags(ls)
+    ps = sub.add_parser("ps", help="models loaded by the running server")
+    ps.add_argument("--json", action="store_true", help="machine-readable output")
+    _settings_flags(ps)
+    stop = sub.add_parser("stop", help="unload a model from the running server")
+    stop.add_argument("model")
+    _settings_flags(stop)
     se = sub.add_parser("search", help="search the Hugging Face hub for GGUF models")
     se.add_argument("text")
     se.add_argument("--sort", choices=["downloads", "likes"], default="downloads")
     se.add_argument("--files", metavar="REPO", help="list one repository's GGUF files instead")
+    _settings_flags(se)
     pull = sub.add_parser("pull", help="download a model: REPO[:QUANT] (resumable, verified)")
     pull.add_argument("ref", metavar="REPO[:QUANT]")
     pull.add_argument("--file", help="a file of the repository instead of a quantization")
-    _common(pull)
+    _settings_flags(pull)
     rm = sub.add_parser("rm", help="delete a downloaded model (Hugging Face cache)")
     rm.add_argument("model")
-    _common(rm)
+    _settings_flags(rm)
     run = sub.add_parser("run", help="answer one prompt with a model, streamed to stdout")
-    run.add_argument("model", help="model id, unique prefix, or 'default'")
+    run.add_argument("model", help="model id, unique prefix, alias, preset or 'default'")
     run.add_argument("prompt", help="the user message ('-' reads standard input)")
     run.add_argument("--system", help="system prompt")
     run.add_argument("--max-tokens", type=int, default=512)
     run.add_argument("--temperature", type=float, default=0.8)
     run.add_argument("--seed", type=int)
-    _common(run)
+    _settings_flags(run)
     return parser
 
 
-def load_settings(args: argparse.Namespace) -> Settings:
-    s = Settings()
+def load_config(args: argparse.Namespace) -> ConfigStore:
+    """Defaults < config file < LMX_* environment < flags."""
     cfg = args.config or default_config_path()
-    if cfg is not None:
-        s.apply_file(Path(cfg))
-    env_key = os.environ.get("LMX_API_KEY")
-    if env_key:
-        s.api_key = env_key
-    for name in (
-        "host",
-        "port",
-        "api_key",
-        "ctx",
-        "parallel",
-        "threads",
-        "gpu_layers",
-        "max_queue",
-    ):
-        v = getattr(args, name, None)
-        if v is not None:
-            setattr(s, name, v)
-    if args.model_dir:
-        s.model_dirs += [d.expanduser() for d in args.model_dir]
-    try:
-        if args.max_memory is not None:
-            s.max_memory = parse_memory(args.max_memory)
-        if args.keep_alive is not None:
-            s.keep_alive = parse_duration(args.keep_alive)
-    except ValueError as e:
-        raise CliError(str(e)) from e
-    if args.max_loaded_models is not None:
-        s.max_loaded_models = args.max_loaded_models
-    s.validate()
-    return s
+    flags = {s.name: getattr(args, s.name, None) for s in SETTINGS if s.flag}
+    return ConfigStore(path=Path(cfg) if cfg else None, flags=flags)
 
 
 def _fail(message: str) -> NoReturn:
@@ -170,155 +124,282 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, *, run_app: RunApp | None = None) -> None:
+    """`lmx`. `run_app` opens the terminal app (the console script passes lmx_tui's)."""
+    from server.errors import LmxError
+
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings(args)
-        if args.command == "ls":
-            cmd_ls(settings, as_json=args.json, with_estimate=args.estimate)
-        elif args.command == "run":
-            cmd_run(settings, args)
-        elif args.command in ("search", "pull"):
+        config = load_config(args)
+        settings = config.current
+        cmd = args.command
+        if cmd in ("search", "pull"):
             # huggingface_hub retries a dropped connection and says so on stderr; lmx keeps the
             # retries and reports the outcome itself, in one line.
             from huggingface_hub.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-            (cmd_search if args.command == "search" else cmd_pull)(settings, args)
-        elif args.command == "rm":
-            cmd_rm(settings, args.model)
+        if cmd == "ls":
+            cmd_ls(settings, as_json=args.json, with_estimate=args.estimate, args=args)
+        elif cmd == "ps":
+            cmd_ps(settings, as_json=args.json)
+        elif cmd == "stop":
+            cmd_stop(settings, args.model)
+        elif cmd == "run":
+            cmd_run(config, args)
+        elif cmd == "search":
+            cmd_search(settings, args)
+        elif cmd == "pull":
+            cmd_pull(config, args)
+        elif cmd == "rm":
+            cmd_rm(config, args.model)
         elif args.no_ui:
-            cmd_serve(settings, args.log_level)
+            cmd_serve(config, args.log_level)
+        elif run_app is not None:
+            run_app(config, not args.no_server)
         else:
-            from lmx_tui.app import run_tui
-
-            run_tui(settings, serve=not args.no_server)
+            raise CliError("the terminal app is not available here; use lmx --no-ui")
+    except LmxError as e:
+        _fail(e.message)
     except (CliError, ConfigError, OSError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         raise SystemExit(130) from None
 
 
-# ----- lmx ls --------------------------------------------------------------------------------
+def _server(settings: Settings) -> Any:
+    from server.client import find_server
+
+    return find_server(settings)
 
 
-def cmd_ls(settings: Settings, *, as_json: bool, with_estimate: bool = False) -> None:
-    from server.api.admin import describe_model
-    from server.registry import Registry
-
-    registry = Registry(settings)
-    models = registry.models()
-    if as_json:
-        out = [describe_model(registry, m) if with_estimate else m.describe() for m in models]
-        print(json.dumps(out, indent=2))
-        return
-    if with_estimate:
-        _print_estimates(registry)
-        return
-    rows = [("ID", "ARCH", "PARAMS", "QUANT", "SIZE", "CTX", "SOURCE")]
-    notes = []
-    for m in models:
-        if m.usable:
-            rows.append(
-                (
-                    m.id,
-                    m.architecture or "-",
-                    human_params(m.parameters),
-                    m.quantization or "-",
-                    human_size(m.size_bytes),
-                    str(m.context_length or "-"),
-                    m.source,
-                )
-            )
-        else:
-            rows.append((m.id, "-", "-", "-", human_size(m.size_bytes), "-", m.source))
-            notes.append(f"  {m.id}: unusable: {m.error} ({m.path})")
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+# ----- lmx ls / ps / stop ----------------------------------------------------------------------
+
+
+def cmd_ls(
+    settings: Settings, *, as_json: bool, with_estimate: bool, args: argparse.Namespace
+) -> None:
+    client = _server(settings)
+    if client is not None:
+        with client:
+            models = client.models()
+            if with_estimate and (args.ctx or args.parallel):
+                for m in models:
+                    if m.get("usable"):
+                        est = client.get(
+                            "/admin/estimate", model=m["id"], ctx=args.ctx, parallel=args.parallel
+                        )
+                        m["memory_estimate"], m["fits"] = est["estimate"], est["fits"]
+            budget = client.get("/admin/models")["budget_bytes"]
+    else:
+        from server.api.admin import describe_model
+        from server.runtime import Runtime
+
+        rt = Runtime(settings)
+        try:
+            models = [describe_model(rt, m) for m in rt.catalog.models()]
+            budget = rt.scheduler.budget
+        finally:
+            rt.close()
+    if as_json:
+        keep = None if with_estimate else _DESCRIBE_KEYS
+        print(json.dumps([_only(m, keep) for m in models], indent=2))
+        return
+    if with_estimate:
+        _print_estimates(models, budget)
+        return
+    rows = [("ID", "ARCH", "PARAMS", "QUANT", "SIZE", "CTX", "SOURCE", "STATE")]
+    notes = []
+    for m in models:
+        if m["usable"]:
+            rows.append(
+                (
+                    m["id"],
+                    m["architecture"] or "-",
+                    human_params(m["parameters"]),
+                    m["quantization"] or "-",
+                    human_size(m["size_bytes"]),
+                    str(m["context_length"] or "-"),
+                    m["source"],
+                    m.get("state", "available"),
+                )
+            )
+        else:
+            rows.append(
+                (m["id"], "-", "-", "-", human_size(m["size_bytes"]), "-", m["source"], "unusable")
+            )
+            notes.append(f"  {m['id']}: unusable: {m['error']} ({m['path']})")
+        if m.get("template_error"):
+            notes.append(f"  {m['id']}: chat template broken: {m['template_error']}")
+    _table(rows)
     if notes:
         print("\n" + "\n".join(notes))
 
 
-def _print_estimates(registry: Any) -> None:
+_DESCRIBE_KEYS = (
+    "id",
+    "path",
+    "source",
+    "format",
+    "size_bytes",
+    "usable",
+    "error",
+    "architecture",
+    "parameters",
+    "quantization",
+    "context_length",
+    "aliases",
+    "state",
+    "template_error",
+)
+
+
+def _only(m: dict[str, Any], keys: tuple[str, ...] | None) -> dict[str, Any]:
+    return m if keys is None else {k: m.get(k) for k in keys}
+
+
+def _print_estimates(models: list[dict[str, Any]], budget: int) -> None:
     rows = [("ID", "CTX", "SLOTS", "WEIGHTS", "KV CACHE", "COMPUTE", "TOTAL", "FITS")]
-    for m in registry.models():
-        if not m.usable:
+    for m in models:
+        est = m.get("memory_estimate")
+        if not m["usable"] or not est:
             continue
-        est = registry.estimate_for(m)
         rows.append(
             (
-                m.id,
-                str(est.ctx),
-                str(est.parallel),
-                human_size(est.weights),
-                human_size(est.kv_cache),
-                human_size(est.compute),
-                human_size(est.total),
-                "yes" if est.total <= registry.budget else "no",
+                m["id"],
+                str(est["ctx"]),
+                str(est["parallel"]),
+                human_size(est["weights"]),
+                human_size(est["kv_cache"]),
+                human_size(est["compute"]),
+                human_size(est["total"]),
+                "yes" if est["total"] <= budget else "no",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    print(f"\nbudget {human_size(registry.budget)} (--max-memory)")
+    _table(rows)
+    print(f"\nbudget {human_size(budget)} (--max-memory)")
+
+
+def _need_server(settings: Settings) -> Any:
+    from server.client import base_url
+
+    client = _server(settings)
+    if client is None:
+        raise CliError(
+            f"no lmx server answers at {base_url(settings)}; start one with `lmx --no-ui` "
+            "(or set LMX_HOST)"
+        )
+    return client
+
+
+def cmd_ps(settings: Settings, *, as_json: bool) -> None:
+    with _need_server(settings) as client:
+        loaded = [m for m in client.models() if m.get("state") not in (None, "available")]
+    if as_json:
+        print(json.dumps(loaded, indent=2))
+        return
+    if not loaded:
+        print("no models loaded")
+        return
+    rows = [("ID", "STATE", "MEMORY", "SLOTS", "QUEUE", "CTX", "UNLOADS IN")]
+    for m in loaded:
+        left = m.get("expires_in")
+        until = "never (pinned)" if m.get("pinned") else ("never" if left is None else _ago(left))
+        memory = m.get("memory_measured") or (m.get("memory_estimate") or {}).get("total", 0)
+        rows.append(
+            (
+                m["id"],
+                m["state"],
+                human_size(memory),
+                f"{m.get('slots_busy', 0)}/{m.get('slots', 0)} busy",
+                str(m.get("queue_depth", 0)),
+                str(m.get("ctx", "-")),
+                until,
+            )
+        )
+    _table(rows)
+
+
+def _ago(seconds: float) -> str:
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def cmd_stop(settings: Settings, model: str) -> None:
+    with _need_server(settings) as client:
+        # Ollama's own way to unload: an empty generate with keep_alive 0.
+        client.post("/api/generate", {"model": model, "keep_alive": 0})
+    print(f"stopped {model}")
 
 
 # ----- lmx run -------------------------------------------------------------------------------
 
 
-def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
-    import queue as queue_mod
-
-    from server.engines.base import Finished, GenerationRequest, SamplingParams
-    from server.errors import LmxError
-    from server.registry import Registry
-
+def cmd_run(config: ConfigStore, args: argparse.Namespace) -> None:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.max_tokens < 1:
         raise CliError("--max-tokens must be at least 1")
     if not 0 <= args.temperature <= 2:
         raise CliError("--temperature must be between 0 and 2")
-    settings.parallel = 1
-    registry = Registry(settings)
+    messages: list[dict[str, Any]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": prompt})
+    client = _server(config.current)
+    if client is not None:
+        body: dict[str, Any] = {
+            "model": args.model,
+            "messages": messages,
+            "max_tokens": args.max_tokens,
+            "temperature": args.temperature,
+        }
+        if args.seed is not None:
+            body["seed"] = args.seed
+        with client:
+            for text in client.chat_stream(body):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    asyncio.run(_run_here(config, args, messages))
+
+
+async def _run_here(config: ConfigStore, args: argparse.Namespace, messages: Any) -> None:
+    from server.pipeline import Delta, GenerateRequest, Sampling
+    from server.runtime import Runtime
+
+    config.update(parallel=1)  # one prompt: one slot is all the memory it needs
+    rt = Runtime(config)
     try:
-        lm = registry.ensure_loaded(args.model)
-        messages: list[dict[str, Any]] = []
-        if args.system:
-            messages.append({"role": "system", "content": args.system})
-        messages.append({"role": "user", "content": prompt})
-        engine = lm.engine
-        tokens = engine.format_chat(messages)
-        room = engine.context_length - len(tokens)
-        if room <= 0:
-            raise CliError(
-                f"the prompt has {len(tokens)} tokens; the context holds {engine.context_length}"
+        run = await rt.service.start(
+            GenerateRequest(
+                model=args.model,
+                messages=messages,
+                max_tokens=args.max_tokens,
+                sampling=Sampling(temperature=args.temperature, seed=args.seed),
+                label="cli",
+                path="lmx run",
             )
-        req = GenerationRequest(
-            tokens,
-            min(args.max_tokens, room),
-            SamplingParams(temperature=args.temperature, seed=args.seed),
-            label="cli",
         )
-        q: queue_mod.Queue[Any] = queue_mod.Queue()
-        gen = engine.submit(req, q.put)
-        try:
-            while True:
-                ev = q.get()
-                if isinstance(ev, Finished):
-                    break
+        async for ev in run.events():
+            if isinstance(ev, Delta):
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
-        except KeyboardInterrupt:
-            gen.cancel()
-            raise
         sys.stdout.write("\n")
-        if ev.reason == "error":
-            raise CliError(ev.error or "generation failed")
-    except LmxError as e:
-        raise CliError(e.message) from e
+        if run.error:
+            raise CliError(run.error)
     finally:
-        registry.close()
+        await asyncio.to_thread(rt.close)
 
 
 # ----- lmx search / pull / rm ------------------------------------------------------------------
@@ -326,7 +407,6 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> None:
 
 def cmd_search(settings: Settings, args: argparse.Namespace) -> None:
     from server import hub
-    from server.errors import LmxError
     from server.memory import default_budget
 
     try:
@@ -345,91 +425,128 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> None:
             print(f"{r['id']:<60} {r['downloads']:>10} downloads {r['likes']:>6} likes")
     except LookupError as e:
         raise CliError(str(e)) from e
-    except LmxError as e:
-        raise CliError(e.message) from e
 
 
-def cmd_pull(settings: Settings, args: argparse.Namespace) -> None:
-    from server.errors import LmxError
-    from server.registry import Registry
+def _progress(repo: str, jobs: list[dict[str, Any]]) -> None:
+    done = sum(j["done"] for j in jobs)
+    total = sum(j["size"] for j in jobs) or 1
+    rate = sum(j.get("rate") or 0 for j in jobs)
+    bar = "#" * int(30 * done / total)
+    sys.stderr.write(
+        f"\r{repo} [{bar:<30}] {human_size(done)} / {human_size(total)} "
+        f"{human_size(int(rate))}/s   "
+    )
+    sys.stderr.flush()
 
+
+def cmd_pull(config: ConfigStore, args: argparse.Namespace) -> None:
     repo, _, quant = args.ref.partition(":")
-    registry = Registry(settings)
-    try:
-        jobs = registry.pull(repo, quant or None, args.file)
-        while True:
-            done = sum(j.done for j in jobs)
-            total = sum(j.size for j in jobs) or 1
-            rate = sum(j.rate for j in jobs)
-            bar = "#" * int(30 * done / total)
-            sys.stderr.write(
-                f"\r{repo} [{bar:<30}] {human_size(done)} / {human_size(total)} "
-                f"{human_size(int(rate))}/s   "
-            )
-            sys.stderr.flush()
-            if all(j.state not in ("queued", "running") for j in jobs):
-                break
-            registry.downloads.wait(
-                jobs[0].id
-                if jobs[0].state in ("queued", "running")
-                else next(j.id for j in jobs if j.state in ("queued", "running")),
-                0.5,
-            )
+    client = _server(config.current)
+    if client is not None:
+        with client:
+            jobs = client.post(
+                "/admin/downloads", {"repo": repo, "quant": quant or None, "file": args.file}
+            )["downloads"]
+            ids = {j["id"] for j in jobs}
+            while True:
+                jobs = [j for j in client.get("/admin/downloads")["downloads"] if j["id"] in ids]
+                _progress(repo, jobs)
+                if all(j["state"] not in ("queued", "running") for j in jobs):
+                    break
+                time.sleep(0.5)  # a progress line twice a second
         sys.stderr.write("\n")
-        bad = [j for j in jobs if j.state != "done"]
+        bad = [j for j in jobs if j["state"] != "done"]
         if bad:
-            raise CliError(bad[0].error or f"download {bad[0].state}")
-        registry.refresh()
-        info = registry.resolve(f"{repo}/{jobs[0].filename.removesuffix('.gguf')}".lower())
-        print(f"pulled {info.id}")
-    except LmxError as e:
-        raise CliError(e.message) from e
-    finally:
-        registry.downloads.close()
-        registry.close()
+            raise CliError(bad[0]["error"] or f"download {bad[0]['state']}")
+        print(f"pulled {repo}/{jobs[0]['filename'].removesuffix('.gguf')}".lower())
+        return
+    from server.runtime import Runtime
 
-
-def cmd_rm(settings: Settings, model: str) -> None:
-    from server.errors import LmxError
-    from server.registry import Registry
-
-    registry = Registry(settings)
+    rt = Runtime(config)
     try:
-        print(f"removed {registry.remove(model)}")
-    except LmxError as e:
-        raise CliError(e.message) from e
+        pulled = rt.pull(repo, quant or None, args.file)
+        while True:
+            _progress(repo, [j.as_dict() for j in pulled])
+            active = [j for j in pulled if j.state in ("queued", "running")]
+            if not active:
+                break
+            rt.downloads.wait(active[0].id, 0.5)
+        sys.stderr.write("\n")
+        bad_jobs = [j for j in pulled if j.state != "done"]
+        if bad_jobs:
+            raise CliError(bad_jobs[0].error or f"download {bad_jobs[0].state}")
+        rt.catalog.refresh()
+        info = rt.catalog.resolve(f"{repo}/{pulled[0].filename.removesuffix('.gguf')}".lower())
+        print(f"pulled {info.id}")
     finally:
-        registry.close()
+        rt.close()
+
+
+def cmd_rm(config: ConfigStore, model: str) -> None:
+    client = _server(config.current)
+    if client is not None:
+        with client:
+            client.delete("/api/delete", {"model": model})
+        print(f"removed {model}")
+        return
+    from server.runtime import Runtime
+
+    rt = Runtime(config)
+    try:
+        print(f"removed {rt.remove(model)}")
+    finally:
+        rt.close()
 
 
 # ----- lmx --no-ui ---------------------------------------------------------------------------
 
 
-def cmd_serve(settings: Settings, log_level: str) -> None:
-    from server.registry import Registry
-    from server.runner import address, bind_socket, make_server
+def cmd_serve(config: ConfigStore, log_level: str) -> None:
+    from server.runner import address, bind_socket, check_tls, make_server, scheme
+    from server.runtime import Runtime
 
+    settings = config.current
     refusal = settings.bind_refusal()
     if refusal:
         raise CliError(refusal)
+    check_tls(settings)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     sock = bind_socket(settings.host, settings.port)
-    registry = Registry(settings)
-    server = make_server(registry, settings, log_level=log_level)
+    try:
+        rt = Runtime(config)
+    except BaseException:
+        sock.close()
+        raise
+    server = make_server(rt, log_level=log_level)
     host, port = address(sock)
-    usable = [m for m in registry.models() if m.usable]
-    print(
-        f"lmx {__version__}: {len(usable)} models available; serving on "
-        f"http://{host}:{port} (OpenAI API at /v1)",
-        flush=True,
+    usable = [m for m in rt.catalog.models() if m.usable]
+
+    def announce() -> None:
+        print(
+            f"lmx {__version__}: {len(usable)} models available; serving on "
+            f"{scheme(settings)}://{host}:{port} (OpenAI API at /v1)",
+            flush=True,
+        )
+
+    # SIGHUP re-reads the config; the reload runs on its own thread, never inside the handler
+    # (which may interrupt the event loop while it holds a lock the reload needs).
+    signal.signal(
+        signal.SIGHUP,
+        lambda *_: threading.Thread(target=rt.reload_config, name="lmx-sighup").start(),
     )
-    if settings.config_path is not None:
-        registry.watch_config()
-        signal.signal(signal.SIGHUP, lambda *_: registry.try_reload())
+    rt.watch_config()
+
+    def terminated(*_: Any) -> None:
+        raise SystemExit(0)
+
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again under the handler that was
+    # there before: this one, so the `finally` below still unloads the models and exits 0.
+    signal.signal(signal.SIGTERM, terminated)
+    server.on_started = announce  # only once the socket serves and every handler is in place
     try:
         server.run(sockets=[sock])
     finally:
-        registry.close()
+        rt.close()
         sock.close()
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from server.gguf import GGUFError, GGUFHeader, read_gguf
 from server.mlx_meta import MlxMeta, MlxMetaError, looks_like_mlx_dir, read_mlx_meta, weight_files
+from server.safe_text import printable
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class ModelInfo:
 
     @property
     def usable(self) -> bool:
-        return self.error is None and (self.header is not None or self.mlx is not None)
+        return self.error is None and (self.header is not None or self.format != "gguf")
 
     @property
     def architecture(self) -> str | None:
@@ -337,6 +338,7 @@ def discover(
     paths: set[Path] = set()
     unique: list[ModelInfo] = []
     for m in found:
+        m.id = printable(m.id)  # ids come from file and folder names, shown everywhere
         real = m.path.resolve()
         # The same file reached twice (a dir inside the HF cache, a link) is listed once; but
         # Ollama names sharing a blob are distinct names, as `ollama list` shows them.

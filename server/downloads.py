@@ -10,6 +10,7 @@ Nothing unverified is ever visible as a model.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -102,10 +103,16 @@ class DownloadQueue:
 
     def _save(self) -> None:
         rows = [asdict(d) for d in self._jobs.values()]
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=1), "utf-8")
-        os.replace(tmp, self.state_file)
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(rows, indent=1), "utf-8")
+            os.replace(tmp, self.state_file)
+        except OSError as e:
+            # A full disk must not kill the worker mid-update: the queue in memory is right,
+            # the file keeps its last whole version, and no half-written copy is left.
+            tmp.unlink(missing_ok=True)
+            log.warning("cannot save the download queue to %s: %s", self.state_file, e)
 
     def _set(self, d: Download, state: str, error: str | None = None) -> None:
         with self._cond:
@@ -279,10 +286,15 @@ class DownloadQueue:
     def _stream(self, d: Download, partial: Path) -> bool:
         """Append the rest of the file to `partial`; False if paused or cancelled."""
         from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
         have = partial.stat().st_size if partial.exists() else 0
         url = hf_hub_url(d.repo, d.filename, revision=d.commit, endpoint=endpoint())
-        headers = {"Range": f"bytes={have}-"} if have else {}
+        # The hub's own headers: the user's token (HF_TOKEN or `hf auth login`) for gated
+        # repositories, and its user agent.
+        headers = dict(build_hf_headers())
+        if have:
+            headers["Range"] = f"bytes={have}-"
         with httpx.stream(
             "GET", url, headers=headers, follow_redirects=True, timeout=httpx.Timeout(30, read=60)
         ) as r:
@@ -293,17 +305,31 @@ class DownloadQueue:
                 have = 0  # the server ignored the range: start over
             mode = "ab" if have else "wb"
             t0, n0 = time.monotonic(), have
-            with partial.open(mode) as out:
-                for chunk in r.iter_bytes(CHUNK):
-                    if d.state != "running":
-                        return False
-                    out.write(chunk)
-                    have += len(chunk)
-                    d.done = have
-                    dt = time.monotonic() - t0
-                    if dt > 0.25:
-                        d.rate = (have - n0) / dt
-                        self.on_event("progress", d)
+            try:
+                with partial.open(mode) as out:
+                    for chunk in r.iter_bytes(CHUNK):
+                        if d.state != "running":
+                            return False
+                        out.write(chunk)
+                        have += len(chunk)
+                        d.done = have
+                        dt = time.monotonic() - t0
+                        if dt > 0.25:
+                            d.rate = (have - n0) / dt
+                            self.on_event("progress", d)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # The disk filled up mid-way: the partial file goes (it holds the space the
+                # rest of the machine needs), and the job fails with one line.
+                partial.unlink(missing_ok=True)
+                d.done = 0
+                free = shutil.disk_usage(partial.parent).free
+                raise OSError(
+                    f"the disk filled up while downloading {d.filename} "
+                    f"({have / 1e6:.0f} of {d.size / 1e6:.0f} MB written, {free / 1e6:.0f} MB "
+                    "free now); the partial file was removed"
+                ) from e
         if d.state != "running":
             return False
         if have < d.size:

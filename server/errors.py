@@ -9,6 +9,7 @@ class LmxError(Exception):
     status = 400
     type = "invalid_request_error"
     code: str | None = None
+    retry_after: int | None = None  # seconds, sent as Retry-After
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -78,6 +79,26 @@ class Unauthorized(LmxError):
     code = "invalid_api_key"
 
 
+class Forbidden(LmxError):
+    """A valid key whose scope does not cover this route."""
+
+    status = 403
+    type = "permission_error"
+    code = "insufficient_scope"
+
+
+class RateLimited(LmxError):
+    """A key's own limit (requests at once, tokens per request) was reached."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "key_limit"
+
+    def __init__(self, message: str, *, retry_after: int = 1, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
+
+
 class ModelTooLarge(LmxError):
     """The model cannot fit the memory budget even with nothing else loaded."""
 
@@ -99,3 +120,13 @@ class NotFound(LmxError):
 
     status = 404
     code = "not_found"
+
+
+class ChatTemplateBroken(ModelUnusable):
+    """The model's chat template failed on its own (ran too long, grew too big, did not
+    compile, or broke the sandbox); the model is marked so until it is reloaded."""
+
+    code = "chat_template_broken"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param=None)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from server.safe_text import printable
+
 GGUF_MAGIC = b"GGUF"
 
 # GGUF metadata value types.
@@ -237,7 +239,9 @@ class _Reader:
             s = _SCALARS[vtype]
             return s.unpack(self.read(s.size))[0]
         if vtype == _STRING:
-            return self.string()
+            # Metadata is shown (lmx ls, the TUI, /api/show, logs): no terminal escapes. The
+            # chat template keeps its newlines; it is a program, not a label.
+            return printable(self.string(), multiline=key.startswith("tokenizer.chat_template"))
         if vtype == _ARRAY:
             etype = self.u32()
             count = self.u64()
@@ -286,7 +290,7 @@ def read_gguf(path: str | Path) -> GGUFHeader:
         metadata: dict[str, Any] = {}
         lengths: dict[str, int] = {}
         for _ in range(n_kv):
-            key = r.string()
+            key = printable(r.string())
             vtype = r.u32()
             value = r.value(vtype, key, lengths)
             if value is not None:

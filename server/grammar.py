@@ -7,10 +7,15 @@ library until a constrained request arrives.
 
 from __future__ import annotations
 
+import copy
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from server.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from server.toolcalls import ToolChoice, ToolSpec
 
 
 def json_grammar(schema: dict[str, Any] | None, *, param: str = "response_format") -> str:
@@ -23,3 +28,71 @@ def json_grammar(schema: dict[str, Any] | None, *, param: str = "response_format
         return str(json_schema_to_gbnf(json.dumps(schema)))
     except Exception as e:  # the converter raises plain exceptions on schemas it cannot map
         raise InvalidRequest(f"Unsupported JSON schema: {e}", param=param) from e
+
+
+def tool_call_grammar(tools: Sequence[ToolSpec], choice: ToolChoice, parallel: bool) -> str:
+    """GBNF for a reply in the generic tool-call shape, arguments constrained by each schema.
+
+    `required`: `{"tool_calls": [call, ...]}` with any of `tools`; a named choice: only that
+    one; `auto`: that, or `{"response": "<text>"}`. Without `parallel`, exactly one call.
+    The keys come in a fixed order (name, then arguments) so that a parser can stream the
+    arguments as they are generated.
+    """
+    from llama_cpp.llama_grammar import PRIMITIVE_RULES
+
+    if choice.mode == "function":
+        tools = [t for t in tools if t.name == choice.name]
+    if not tools or choice.mode == "none":
+        raise InvalidRequest("A tool-call grammar needs at least one tool.", param="tools")
+    conv = _converter()
+    lit = conv._format_literal
+    calls = []
+    for i, tool in enumerate(tools):
+        try:
+            schema = conv.resolve_refs(copy.deepcopy(dict(tool.parameters)), f"tool{i}")
+            args = conv.visit(schema, f"tool{i}-arguments")
+        except Exception as e:  # the converter raises plain exceptions on what it cannot map
+            raise InvalidRequest(
+                f"Unsupported JSON schema for function '{tool.name}': {e}", param="tools"
+            ) from e
+        calls.append(
+            conv._add_rule(
+                f"tool{i}-call",
+                f'"{{" space {lit(json.dumps("name"))} space ":" space '
+                f'{lit(json.dumps(tool.name))} space "," space '
+                f'{lit(json.dumps("arguments"))} space ":" space {args} "}}" space',
+            )
+        )
+    call = conv._add_rule("tool-call", " | ".join(calls))
+    more = f' ( "," space {call} )*' if parallel else ""
+    calls_object = (
+        f'"{{" space {lit(json.dumps("tool_calls"))} space ":" space '
+        f'"[" space {call}{more} "]" space "}}" space'
+    )
+    if choice.mode == "auto":
+        string = conv._add_primitive("string", PRIMITIVE_RULES["string"])
+        response = f'"{{" space {lit(json.dumps("response"))} space ":" space {string} "}}" space'
+        conv._add_rule("root", f"{calls_object} | {response}")
+    else:
+        conv._add_rule("root", calls_object)
+    return str(conv.format_grammar())
+
+
+def _converter() -> Any:
+    """llama.cpp's schema converter, with `$ref` rules named per tool: two tools may both
+    define `#/$defs/Item`, and the stock converter would give them one rule."""
+    from llama_cpp.llama_grammar import INVALID_RULE_CHARS_RE, SchemaConverter
+
+    class PerToolRefs(SchemaConverter):
+        def _resolve_ref(self, ref: str) -> str:
+            base, _, pointer = ref.partition("#")
+            name = INVALID_RULE_CHARS_RE.sub("-", f"{base}-ref-{pointer.split('/')[-1]}")
+            if name not in self._rules and ref not in self._refs_being_resolved:
+                self._refs_being_resolved.add(ref)
+                name = self.visit(self._refs[ref], name)  # type: ignore[no-untyped-call]
+                self._refs_being_resolved.remove(ref)
+            return name
+
+    return PerToolRefs(  # type: ignore[no-untyped-call]
+        prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
+    )

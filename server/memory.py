@@ -60,6 +60,10 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.weights + self.kv_cache + self.compute
 
+    def by_device(self) -> dict[str, int]:
+        """Bytes per device ("ram"; GPUs by index once offload is estimated)."""
+        return {"ram": self.total}
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "weights": self.weights,
@@ -109,7 +113,7 @@ def estimate_mlx(meta: MlxMeta, ctx: int, parallel: int) -> MemoryEstimate:
     return MemoryEstimate(meta.weights_bytes, kv, compute, ctx, parallel)
 
 
-def estimate_model(info: ModelInfo, ctx: int, parallel: int) -> MemoryEstimate:
+def estimate_by_format(info: ModelInfo, ctx: int, parallel: int) -> MemoryEstimate:
     """The estimate for any usable model, by its format. Raises ValueError for one without the
     metadata an estimate needs (an unusable entry)."""
     if info.mlx is not None:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 import threading
-import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
 from server.api.app import create_app
-from server.registry import Registry
+from server.runtime import Runtime
 from server.settings import Settings
 
 GRACEFUL_SECONDS = 2
@@ -45,29 +46,62 @@ class LmxServer(uvicorn.Server):
     """uvicorn's server, which also cancels generations the moment a shutdown is asked for,
     so open streams end at once instead of holding the port."""
 
-    def __init__(self, config: uvicorn.Config, registry: Registry) -> None:
+    def __init__(self, config: uvicorn.Config, rt: Runtime) -> None:
         super().__init__(config)
-        self.registry = registry
+        self.rt = rt
+        self.on_started: Callable[[], None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()  # listening, with uvicorn's signal handlers in place
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.registry.cancel_all()
+        self.rt.scheduler.cancel_all()
         super().handle_exit(sig, frame)
 
     def request_stop(self) -> None:
-        self.registry.cancel_all()
+        self.rt.scheduler.cancel_all()
         self.should_exit = True
 
 
-def make_server(registry: Registry, settings: Settings, *, log_level: str = "info") -> LmxServer:
-    app = create_app(registry, settings)
+class TlsError(OSError):
+    """The certificate or its key cannot be used; the message says which and why."""
+
+
+def check_tls(settings: Settings) -> None:
+    """Load the certificate and key once before serving, so a bad pair is one clear line."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            settings.tls_cert, settings.tls_key
+        )
+    except (OSError, ssl.SSLError) as e:
+        reason = getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)
+        raise TlsError(
+            f"cannot serve HTTPS with {settings.tls_cert} and {settings.tls_key}: {reason}"
+        ) from e
+
+
+def scheme(settings: Settings) -> str:
+    return "https" if settings.tls_cert is not None else "http"
+
+
+def make_server(rt: Runtime, *, log_level: str = "info") -> LmxServer:
+    app = create_app(rt)
+    s = rt.settings
+    check_tls(s)
     config = uvicorn.Config(
         app,
         log_level=log_level,
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
         lifespan="on",
         access_log=log_level == "debug",
+        ssl_certfile=str(s.tls_cert) if s.tls_cert else None,
+        ssl_keyfile=str(s.tls_key) if s.tls_key else None,
     )
-    return LmxServer(config, registry)
+    return LmxServer(config, rt)
 
 
 def address(sock: socket.socket) -> tuple[str, int]:
@@ -78,29 +112,36 @@ def address(sock: socket.socket) -> tuple[str, int]:
 class ServerThread:
     """The same server on a worker thread; the caller owns the main thread (TUI, tests)."""
 
-    def __init__(self, registry: Registry, settings: Settings, *, log_level: str = "warning"):
-        self.sock = bind_socket(settings.host, settings.port)
+    def __init__(self, rt: Runtime, *, log_level: str = "warning"):
+        self.scheme = scheme(rt.settings)
+        self.sock = bind_socket(rt.settings.host, rt.settings.port)
         self.host, self.port = address(self.sock)
-        self.server = make_server(registry, settings, log_level=log_level)
+        try:
+            self.server = make_server(rt, log_level=log_level)
+        except BaseException:
+            self.sock.close()
+            raise
         self.error: BaseException | None = None
+        self._started = threading.Event()
+        self.server.on_started = self._started.set
         self._thread = threading.Thread(target=self._run, name="lmx-http", daemon=True)
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def _run(self) -> None:
         try:
             self.server.run(sockets=[self.sock])
         except BaseException as e:  # uvicorn calls sys.exit on startup failure
             self.error = e
+        finally:
+            self._started.set()  # wake start(): it reads `started` and the error
 
     def start(self, timeout: float = 30) -> ServerThread:
         self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started and self._thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        self._started.wait(timeout)
         if not self.server.started:
             raise RuntimeError(f"the HTTP server did not start: {self.error!r}")
         return self

@@ -28,6 +28,8 @@ class RequestRecord:
     cached_tokens: int = 0
     latency_ms: float = 0.0
     ttft_ms: float | None = None
+    source: str = "api"  # which front end: openai, ollama, admin, tui, cli
+    key: str | None = None  # the API key's name (never the key), None when unkeyed
 
 
 @dataclass(frozen=True)
@@ -97,13 +99,13 @@ class RequestLog:
         self._records: deque[RequestRecord] = deque(maxlen=maxlen)
         self._lock = threading.Lock()
         self._listeners: list[RecordListener] = []
-        self._counts: dict[tuple[str, int], int] = {}
+        self._counts: dict[tuple[str, int, str], int] = {}
         self._models: dict[str, ModelTotals] = {}
 
     def record(self, rec: RequestRecord) -> None:
         with self._lock:
             self._records.append(rec)
-            key = (rec.model or "", rec.status)
+            key = (rec.model or "", rec.status, rec.key or "")
             self._counts[key] = self._counts.get(key, 0) + 1
             if rec.model:
                 t = self._models.setdefault(rec.model, ModelTotals())
@@ -117,8 +119,8 @@ class RequestLog:
             with contextlib.suppress(Exception):
                 fn(rec)
 
-    def totals(self) -> tuple[dict[tuple[str, int], int], dict[str, ModelTotals]]:
-        """Requests by (model, status) and per-model totals, copied under the lock."""
+    def totals(self) -> tuple[dict[tuple[str, int, str], int], dict[str, ModelTotals]]:
+        """Requests by (model, status, key name) and per-model totals, copied under the lock."""
         import copy
 
         with self._lock:

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from server.discovery import default_model_dir
-from server.registry import Registry
 from server.runner import ServerThread
-from server.settings import Settings
+from server.runtime import Runtime
+from server.scheduler import LoadedModel
+from server.settings import ConfigStore, Settings
 from tests.hub import FakeHub
 
 TEST_API_KEY = "test-key"
@@ -26,8 +30,22 @@ REAL_HOME = Path.home()  # taken before the session points HOME at a temporary f
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Keep the user's own config and Hugging Face cache out of the tests."""
     home = tmp_path_factory.mktemp("home")
-    keys = ("HF_HOME", "HF_HUB_CACHE", "LMX_CONFIG", "LMX_API_KEY", "HOME", "OLLAMA_MODELS")
+    keys = (
+        "HF_HOME",
+        "HF_HUB_CACHE",
+        "LMX_CONFIG",
+        "LMX_API_KEY",
+        "HOME",
+        "OLLAMA_MODELS",
+        "LMX_HOST",
+    )
     old = {k: os.environ.get(k) for k in keys}
+    # The CLI talks to a running lmx at LMX_HOST when one answers. Point it at a port that is
+    # bound but never listens (refused at once), so no server of the developer's is used;
+    # tests that want client mode set LMX_HOST to their own server.
+    nobody = socket.socket()
+    nobody.bind(("127.0.0.1", 0))
+    os.environ["LMX_HOST"] = f"127.0.0.1:{nobody.getsockname()[1]}"
     os.environ["HF_HOME"] = str(home / "hf")
     os.environ["HOME"] = str(home)  # no Ollama or LM Studio store of the developer's
     os.environ["OLLAMA_MODELS"] = str(home / "ollama")
@@ -35,6 +53,7 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     os.environ.pop("LMX_CONFIG", None)
     os.environ.pop("LMX_API_KEY", None)
     yield
+    nobody.close()
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
@@ -82,25 +101,35 @@ def smollm2_mlx_dir(smollm2_path: Path) -> Path:
     return mlx_dir_for(smollm2_path, cache)
 
 
+TEST_FLAGS: dict[str, object] = {
+    "port": 0,
+    "ctx": 2048,
+    "parallel": 4,
+    "threads": 2,
+    "hf_cache": False,
+    "user_stores": False,
+}
+
+
+def make_config(path: Path | None = None, **kw: object) -> ConfigStore:
+    """The test defaults (port 0, 2 threads, no user stores), as flags over `path`."""
+    return ConfigStore(path=path, flags={**TEST_FLAGS, **kw}, env={})
+
+
 def make_settings(**kw: object) -> Settings:
-    s = Settings(
-        port=0, ctx=2048, parallel=4, threads=2, include_hf_cache=False, include_user_stores=False
-    )
-    for k, v in kw.items():
-        setattr(s, k, v)
-    return s
+    return make_config(**kw).current
 
 
 @pytest.fixture(scope="session")
-def registry() -> Iterator[Registry]:
-    reg = Registry(make_settings())
-    yield reg
-    reg.close()
+def rt() -> Iterator[Runtime]:
+    runtime = Runtime(make_config())
+    yield runtime
+    runtime.close()
 
 
 @pytest.fixture(scope="session")
-def server(registry: Registry) -> Iterator[ServerThread]:
-    with ServerThread(registry, registry.settings) as srv:
+def server(rt: Runtime) -> Iterator[ServerThread]:
+    with ServerThread(rt) as srv:
         yield srv
 
 
@@ -193,3 +222,17 @@ class BackgroundStream:
     def finish(self) -> list[str]:
         self.thread.join(120)
         return self.lines
+
+
+def load(rt: Runtime, name: str) -> LoadedModel:
+    """Load a model by any name (as the admin API's load does) and return it."""
+    return rt.scheduler.load(rt.catalog.resolve(name))
+
+
+def serving_url(out: Any) -> str:
+    """The URL of `lmx --no-ui`'s "serving on" line, printed once it accepts connections."""
+    for line in out:
+        m = re.search(r"serving on (http://\S+)", line)
+        if m:
+            return m.group(1)
+    raise AssertionError("lmx exited before serving")

@@ -32,6 +32,7 @@ class FakeHub:
     corrupt: bool = False  # flip a byte in every GET
     ranges: list[int] = field(default_factory=list)  # the start offset of every GET
     delay: float = 0.0  # seconds slept per 64 KiB sent: a slow link
+    auth: list[str | None] = field(default_factory=list)  # Authorization of every file GET
     server: ThreadingHTTPServer | None = None
 
     def add(self, repo: str, name: str, path: Path | None, size: int = 0) -> None:
@@ -164,6 +165,7 @@ class FakeHub:
                 if head:
                     return
                 hub.ranges.append(start)
+                hub.auth.append(self.headers.get("Authorization"))
                 cut, hub.cut_after = hub.cut_after, None
                 sent = 0
                 with f.path.open("rb") as src:

@@ -15,17 +15,19 @@ import pytest
 from server.engines.base import GenerationRequest, SamplingParams, collect
 from server.engines.llamacpp import LlamaCppEngine
 from server.grammar import json_grammar
-from server.registry import Registry
 from server.runner import ServerThread
-from tests.conftest import make_settings
+from server.runtime import Runtime
+from tests.conftest import load, make_config, wait_for
 
 MODEL = "smollm2-135m-instruct.q4_1"
 SYSTEM = ("You are a careful assistant for a hardware store. " * 40).strip()
 
 
 @pytest.fixture(scope="module")
-def engine(registry: Registry) -> LlamaCppEngine:
-    return registry.ensure_loaded(MODEL).engine
+def engine(rt: Runtime) -> Iterator[LlamaCppEngine]:
+    # These tests drive the engine directly; a lease keeps keep_alive from unloading it.
+    with rt.scheduler.lease(rt.catalog.resolve(MODEL)) as lease:
+        yield lease.engine  # type: ignore[misc]
 
 
 def chat(engine: LlamaCppEngine, *msgs: tuple[str, str]) -> list[int]:
@@ -199,8 +201,7 @@ def test_long_prompt_prefill_does_not_stall_running_streams(engine: LlamaCppEngi
             done.set()
 
     engine.submit(runner, sink)
-    while len(arrivals) < 5:
-        time.sleep(0.01)
+    wait_for(lambda: len(arrivals) >= 5)
     long_prompt = chat(engine, ("user", "Summarise: " + "the quick brown fox " * 450))
     assert len(long_prompt) > 3 * 512  # needs several prefill chunks
     before = len(arrivals)
@@ -215,11 +216,11 @@ def test_long_prompt_prefill_does_not_stall_running_streams(engine: LlamaCppEngi
 
 
 @pytest.fixture(scope="module")
-def tight_server() -> Iterator[tuple[ServerThread, Registry]]:
-    reg = Registry(make_settings(parallel=1, max_queue=1))
-    with ServerThread(reg, reg.settings) as srv:
-        yield srv, reg
-    reg.close()
+def tight_server() -> Iterator[tuple[ServerThread, Runtime]]:
+    rt = Runtime(make_config(parallel=1, max_queue=1))
+    with ServerThread(rt) as srv:
+        yield srv, rt
+    rt.close()
 
 
 def _long_body(tokens: int = 1500) -> dict[str, Any]:
@@ -232,27 +233,29 @@ def _long_body(tokens: int = 1500) -> dict[str, Any]:
     }
 
 
-def test_client_disconnect_frees_the_slot(tight_server: tuple[ServerThread, Registry]) -> None:
-    srv, reg = tight_server
-    engine = reg.ensure_loaded(MODEL).engine
-    cancelled0 = engine.finished["cancelled"]
+def test_client_disconnect_frees_the_slot(tight_server: tuple[ServerThread, Runtime]) -> None:
+    srv, rt = tight_server
+    engine = load(rt, MODEL).engine
+    assert engine is not None
+    st0 = engine.stats()
     with httpx.stream("POST", srv.url + "/v1/chat/completions", json=_long_body(), timeout=60) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 10:
                 break
-    deadline = time.monotonic() + 10
-    while engine.stats()["slots_busy"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert engine.stats()["slots_busy"] == 0
-    assert engine.finished["cancelled"] == cancelled0 + 1
-    generated = engine.tokens_generated
-    time.sleep(0.3)
-    assert engine.tokens_generated == generated  # nothing decodes for the gone client
+    wait_for(
+        lambda: engine.stats()["finished"].get("cancelled", 0) > st0["finished"].get("cancelled", 0)
+    )
+    st = engine.stats()
+    assert st["slots_busy"] == 0 and st["queue_depth"] == 0  # nothing left to decode for it
+    assert st["tokens_generated"] - st0["tokens_generated"] < 1500  # it stopped early
+    # The pipeline recorded the request as abandoned by its client.
+    wait_for(lambda: any(r.status == 499 for r in rt.requests.recent()))
 
 
-def test_full_queue_is_429_with_retry_after(tight_server: tuple[ServerThread, Registry]) -> None:
-    srv, reg = tight_server
-    engine = reg.ensure_loaded(MODEL).engine
+def test_full_queue_is_429_with_retry_after(tight_server: tuple[ServerThread, Runtime]) -> None:
+    srv, rt = tight_server
+    engine = load(rt, MODEL).engine
+    assert engine is not None
     with (
         httpx.Client(timeout=60) as c,
         c.stream("POST", srv.url + "/v1/chat/completions", json=_long_body()) as first,
@@ -268,9 +271,7 @@ def test_full_queue_is_429_with_retry_after(tight_server: tuple[ServerThread, Re
             )
         )
         waiting.start()
-        deadline = time.monotonic() + 10
-        while engine.stats()["queue_depth"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: engine.stats()["queue_depth"] >= 1)
         r = httpx.post(srv.url + "/v1/chat/completions", json={**_long_body(4), "stream": False})
         assert r.status_code == 429
         assert r.headers["retry-after"] == "1"

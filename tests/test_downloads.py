@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,9 @@ import pytest
 from server.discovery import scan_hf_cache
 from server.downloads import DownloadQueue
 from server.hub import pick, repo_files, search
-from server.registry import Registry
 from server.runner import ServerThread
-from tests.conftest import make_settings
+from server.runtime import Runtime
+from tests.conftest import make_config, wait_for
 from tests.hub import FakeHub
 
 REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
@@ -97,10 +96,16 @@ def test_corrupt_bytes_are_rejected_and_nothing_is_visible(hub: FakeHub, tmp_pat
 
 def test_restart_resumes_half_done_and_queued(hub: FakeHub, tmp_path: Path) -> None:
     q = queue_for(tmp_path)
-    job = add(q, hub)
-    q.pause(job)
+    hub.delay = 0.004  # a slow link: the download is under way when we pause it
+    try:
+        job = add(q, hub)
+        wait_for(lambda: q.get(job).done > 0)
+        q.pause(job)
+    finally:
+        hub.delay = 0.0
     q.close()
     half = q.get(job)
+    assert 0 < half.done < half.size
     partial = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct-GGUF" / "blobs"
     # A restart finds the job (paused) and its partial bytes; resuming continues from them.
     q2 = queue_for(tmp_path)
@@ -112,8 +117,7 @@ def test_restart_resumes_half_done_and_queued(hub: FakeHub, tmp_path: Path) -> N
         q2.start()
         d = q2.wait(job, 120)
         assert d.state == "done", d.error
-        if half.done:
-            assert hub.ranges[0] == half.done
+        assert hub.ranges[0] == half.done
         assert not list(partial.glob("*.lmx-partial"))
     finally:
         q2.close()
@@ -169,16 +173,16 @@ def test_cli_search_pull_ls_rm(hub: FakeHub, tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Registry]]:
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Runtime]]:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    reg = Registry(make_settings(include_hf_cache=True, hf_cache_dir=tmp_path / "hub"))
-    with ServerThread(reg, reg.settings) as srv:
+    reg = Runtime(make_config(hf_cache=True, hf_cache_dir=tmp_path / "hub"))
+    with ServerThread(reg) as srv:
         yield srv, reg
     reg.downloads.close()
     reg.close()
 
 
-def test_admin_downloads_and_hub_routes(hub: FakeHub, served: tuple[Any, Registry]) -> None:
+def test_admin_downloads_and_hub_routes(hub: FakeHub, served: tuple[Any, Runtime]) -> None:
     srv, _reg = served
     found = httpx.get(srv.url + "/admin/hub/search", params={"q": "smol"}).json()
     assert [r["id"] for r in found["results"]] == [REPO]
@@ -187,10 +191,10 @@ def test_admin_downloads_and_hub_routes(hub: FakeHub, served: tuple[Any, Registr
     assert httpx.get(srv.url + "/admin/hub/nobody/nothing/files").status_code == 404
     r = httpx.post(srv.url + "/admin/downloads", json={"repo": REPO, "quant": "Q4_1"})
     (job,) = r.json()["downloads"]
-    deadline = time.monotonic() + 120
-    while httpx.get(srv.url + "/admin/downloads").json()["downloads"][0]["state"] != "done":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for(
+        lambda: httpx.get(srv.url + "/admin/downloads").json()["downloads"][0]["state"] == "done",
+        120,
+    )
     model = f"{REPO.lower()}/smollm2-135m-instruct-q4_1"
     ids = [m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"]]
     assert model in ids  # verified, then visible as a model
@@ -201,7 +205,7 @@ def test_admin_downloads_and_hub_routes(hub: FakeHub, served: tuple[Any, Registr
     assert httpx.delete(srv.url + "/admin/downloads/nope").status_code == 404
 
 
-def test_ollama_pull_and_delete(hub: FakeHub, served: tuple[Any, Registry]) -> None:
+def test_ollama_pull_and_delete(hub: FakeHub, served: tuple[Any, Runtime]) -> None:
     srv, _reg = served
     client = ollama.Client(host=srv.url, timeout=120)
     statuses = [p.status for p in client.pull(f"hf.co/{REPO}:Q4_1", stream=True)]
@@ -260,3 +264,49 @@ def test_a_file_larger_than_the_free_disk_is_refused(
         assert scan_hf_cache(tmp_path / "hub") == []
     finally:
         q.close()
+
+
+def test_downloads_send_the_users_hub_token(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gated repositories need the token on the file requests too, not just on the listing."""
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token_123")
+    q = queue_for(tmp_path)
+    try:
+        hub.auth.clear()
+        d = q.wait(add(q, hub), 120)
+        assert d.state == "done", d.error
+        assert hub.auth and all(a == "Bearer hf_test_token_123" for a in hub.auth)
+    finally:
+        q.close()
+
+
+def test_cli_pull_and_rm_go_through_a_running_server(
+    hub: FakeHub, served: tuple[Any, Runtime], tmp_path: Path
+) -> None:
+    """With a server up, `lmx pull` joins its download queue (and shows the progress), and
+    `lmx rm` removes from its cache: the CLI's own HF_HOME is never touched."""
+    srv, rt = served
+    env_home = tmp_path / "cli-home"
+    r = subprocess.run(
+        [sys.executable, "-m", "server.cli", "pull", f"{REPO}:Q4_1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "LMX_HOST": srv.url, "HF_HOME": str(env_home / "hf")},
+    )
+    assert r.returncode == 0, r.stderr
+    model = f"{REPO.lower()}/smollm2-135m-instruct-q4_1"
+    assert r.stdout.strip() == f"pulled {model}" and "[####" in r.stderr
+    jobs = httpx.get(srv.url + "/admin/downloads").json()["downloads"]
+    assert [j["state"] for j in jobs] == ["done"]  # the server's queue did the work
+    assert rt.catalog.resolve(model).source == "hf-cache" and not env_home.exists()
+    r = subprocess.run(
+        [sys.executable, "-m", "server.cli", "rm", model],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LMX_HOST": srv.url},
+    )
+    assert r.returncode == 0, r.stderr
+    assert model not in [m.id for m in rt.catalog.models()]

@@ -27,7 +27,7 @@ from server.engines.base import (
     SamplingParams,
     TokenText,
 )
-from server.errors import EngineFailure, InvalidRequest, QueueFull
+from server.errors import ChatTemplateBroken, EngineFailure, InvalidRequest, QueueFull
 from server.grammar import json_grammar
 from tests.conftest import wait_for
 
@@ -147,6 +147,38 @@ def test_render_chat_passes_tools_to_the_template(model: ModelInfo) -> None:
                 eng2.render_chat([{"role": "user", "content": "Hi"}])
         finally:
             eng2.close()
+    finally:
+        eng.close()
+
+
+def test_chat_template_is_the_models_and_takes_template_kwargs(model: ModelInfo) -> None:
+    template = (
+        "{% if enable_thinking %}think\n{% endif %}"
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    )
+    eng = create_engine(model, EngineOptions(n_ctx=256, parallel=1, chat_template=template))
+    eng.load()
+    try:
+        assert eng.chat_template is not None and eng.chat_template.source == template
+        messages = [{"role": "user", "content": "Hi"}]
+        assert eng.render_chat(messages) == "user: Hi\n"
+        kwargs = {"enable_thinking": True}
+        assert eng.render_chat(messages, template_kwargs=kwargs) == "think\nuser: Hi\n"
+        assert eng.format_chat(messages, template_kwargs=kwargs) == eng.tokenize(
+            "think\nuser: Hi\n", add_special=True, special=True
+        )
+    finally:
+        eng.close()
+
+
+def test_a_template_past_its_budget_is_broken_not_a_hang(model: ModelInfo) -> None:
+    looping = "{% for i in range(10**6) %}{% for j in range(10**6) %}x{% endfor %}{% endfor %}"
+    eng = create_engine(model, EngineOptions(n_ctx=256, parallel=1, chat_template=looping))
+    eng.load()
+    try:
+        with pytest.raises(ChatTemplateBroken):
+            eng.render_chat([{"role": "user", "content": "Hi"}])
+        assert eng.chat_template is not None and eng.chat_template.broken
     finally:
         eng.close()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.errors import ModelTooLarge
-from server.registry import Registry, RegistryEvent
+from server.events import LmxEvent
 from server.runner import ServerThread
-from tests.conftest import BackgroundStream, make_settings, wait_for
+from server.runtime import Runtime
+from tests.conftest import BackgroundStream, load, make_config, wait_for
 
 SMOL = "smollm2-135m-instruct.q4_1"
 
@@ -31,15 +31,15 @@ def models_dir(
     return d
 
 
-def make(models_dir: Path, **kw: Any) -> Registry:
-    return Registry(make_settings(model_dirs=[models_dir], ctx=1024, parallel=2, **kw))
+def make(models_dir: Path, **kw: Any) -> Runtime:
+    return Runtime(make_config(model_dirs=[models_dir], ctx=1024, parallel=2, **kw))
 
 
 @pytest.mark.parametrize("model", [SMOL, "gemma"])
 def test_estimate_is_within_15_percent_of_measured(models_dir: Path, model: str) -> None:
     reg = make(models_dir)
     try:
-        lm = reg.ensure_loaded(model)
+        lm = load(reg, model)
         assert lm.measured > 0
         error = abs(lm.estimate.total - lm.measured) / lm.measured
         assert error < 0.15, (lm.estimate.as_dict(), lm.measured)
@@ -49,35 +49,39 @@ def test_estimate_is_within_15_percent_of_measured(models_dir: Path, model: str)
 
 def test_lru_eviction_order(models_dir: Path) -> None:
     probe = make(models_dir)
-    ests = {m: probe.estimate_for(probe.resolve(m)).total for m in (SMOL, "gemma", "smol-copy")}
+    ests = {
+        m: probe.scheduler.estimate_for(probe.catalog.resolve(m)).total
+        for m in (SMOL, "gemma", "smol-copy")
+    }
     probe.close()
     budget = ests[SMOL] + ests["gemma"] + 1_000_000  # room for two of them
     reg = make(models_dir, max_memory=budget)
-    events: list[RegistryEvent] = []
-    reg.subscribe(events.append)
+    events: list[LmxEvent] = []
+    reg.events.subscribe(events.append)
     try:
-        a = reg.acquire(SMOL)
-        reg.release(a)
-        b = reg.acquire("gemma")
-        reg.release(b)
-        reg.release(reg.acquire(SMOL))  # SMOL used last: gemma is least recently used
+        reg.scheduler.lease(reg.catalog.resolve(SMOL)).release()
+        reg.scheduler.lease(reg.catalog.resolve("gemma")).release()
+        reg.scheduler.lease(reg.catalog.resolve(SMOL)).release()  # gemma is now the LRU
         assert ests["smol-copy"] + ests[SMOL] <= budget
-        reg.ensure_loaded("smol-copy")
-        assert {lm.info.id for lm in reg.loaded()} == {SMOL, "smol-copy"}
+        load(reg, "smol-copy")
+        assert {lm.info.id for lm in reg.scheduler.loaded()} == {SMOL, "smol-copy"}
         assert [e.model for e in events if e.kind == "evicted"] == ["gemma"]
-        fits, evict = reg.plan(ests["gemma"], exclude="gemma")
-        assert fits and evict == [SMOL]  # the next one to go
+        gemma = reg.scheduler.estimate_for(reg.catalog.resolve("gemma"))
+        plan = reg.scheduler.plan(gemma, exclude="gemma")
+        assert plan.fits and plan.victims == [SMOL]  # the next one to go
     finally:
         reg.close()
 
 
 def test_a_streaming_model_is_never_evicted(models_dir: Path) -> None:
     probe = make(models_dir)
-    budget = probe.estimate_for(probe.resolve("gemma")).total + 1_000_000  # one at a time
+    budget = (
+        probe.scheduler.estimate_for(probe.catalog.resolve("gemma")).total + 1_000_000
+    )  # one at a time
     probe.close()
     reg = make(models_dir, max_memory=budget, load_timeout=1.0)
     try:
-        with ServerThread(reg, reg.settings) as srv:
+        with ServerThread(reg) as srv:
             stream = BackgroundStream(srv.url, SMOL, 300)
             r = httpx.post(
                 srv.url + "/v1/chat/completions",
@@ -102,7 +106,7 @@ def test_a_streaming_model_is_never_evicted(models_dir: Path) -> None:
                 },
             )
             assert r.status_code == 200  # now SMOL is idle and gets evicted
-            assert [lm.info.id for lm in reg.loaded()] == ["gemma"]
+            assert [lm.info.id for lm in reg.scheduler.loaded()] == ["gemma"]
     finally:
         reg.close()
 
@@ -111,9 +115,9 @@ def test_model_too_large_is_refused_with_its_estimate(models_dir: Path) -> None:
     reg = make(models_dir, max_memory=50_000_000)
     try:
         with pytest.raises(ModelTooLarge, match=r"needs about \d+ MB.*budget is 50 MB"):
-            reg.ensure_loaded(SMOL)
-        assert reg.loaded() == []
-        with ServerThread(reg, reg.settings) as srv:
+            load(reg, SMOL)
+        assert reg.scheduler.loaded() == []
+        with ServerThread(reg) as srv:
             r = httpx.post(
                 srv.url + "/v1/chat/completions",
                 json={"model": SMOL, "messages": [{"role": "user", "content": "hi"}]},
@@ -126,7 +130,7 @@ def test_model_too_large_is_refused_with_its_estimate(models_dir: Path) -> None:
 def test_keep_alive_zero_unloads_after_the_request(models_dir: Path) -> None:
     reg = make(models_dir)
     try:
-        with ServerThread(reg, reg.settings) as srv:
+        with ServerThread(reg) as srv:
             r = httpx.post(
                 srv.url + "/v1/chat/completions",
                 timeout=60,
@@ -138,7 +142,7 @@ def test_keep_alive_zero_unloads_after_the_request(models_dir: Path) -> None:
                 },
             )
             assert r.status_code == 200
-            wait_for(lambda: reg.loaded() == [], 5)
+            wait_for(lambda: reg.scheduler.loaded() == [], 5)
             bad = httpx.post(
                 srv.url + "/v1/chat/completions",
                 json={
@@ -152,31 +156,47 @@ def test_keep_alive_zero_unloads_after_the_request(models_dir: Path) -> None:
         reg.close()
 
 
-def test_ttl_counts_from_the_end_of_the_last_request(models_dir: Path) -> None:
-    reg = make(models_dir, keep_alive=1.0)
+def test_a_dead_engine_is_unloaded_and_loaded_again(
+    models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """llama.cpp fails a decode (the outermost seam: its C call); the request gets an error,
+    the model is unloaded with an event, and the next request loads it again, pinned or not."""
+    import llama_cpp
+
+    reg = make(models_dir)
+    reg.scheduler.pin(SMOL)
+    events: list[LmxEvent] = []
+    reg.events.subscribe(events.append)
+    body = {"model": SMOL, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
     try:
-        lm = reg.acquire(SMOL)
-        time.sleep(1.5)  # longer than the TTL, but the model is in use
-        assert reg.get_loaded(SMOL) is lm and lm.expires_at is None
-        reg.release(lm)
-        assert lm.expires_in() is not None and lm.expires_in() > 0.5  # type: ignore[operator]
-        wait_for(lambda: reg.get_loaded(SMOL) is None, 5)
-        forever = reg.acquire(SMOL)
-        reg.release(forever, keep_alive=-1)
-        assert forever.expires_at is None
+        with ServerThread(reg) as srv:
+            assert httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60).is_success
+            first = reg.scheduler.get(SMOL)
+            real = llama_cpp.llama_decode
+            monkeypatch.setattr(llama_cpp, "llama_decode", lambda ctx, batch: -3)
+            r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 503 and "llama_decode returned -3" in r.text
+            monkeypatch.setattr(llama_cpp, "llama_decode", real)
+            wait_for(lambda: any(e.kind == "engine_failed" for e in events))
+            r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            again = reg.scheduler.get(SMOL)
+            assert again is not None and again is not first
+            kinds = [e.kind for e in events]
+            assert kinds.index("engine_failed") < kinds.index("unloaded") < len(kinds)
     finally:
         reg.close()
 
 
 @pytest.fixture(scope="module")
-def admin(models_dir: Path) -> Iterator[tuple[ServerThread, Registry]]:
+def admin(models_dir: Path) -> Iterator[tuple[ServerThread, Runtime]]:
     reg = make(models_dir)
-    with ServerThread(reg, reg.settings) as srv:
+    with ServerThread(reg) as srv:
         yield srv, reg
     reg.close()
 
 
-def test_admin_models_estimate_load_unload(admin: tuple[ServerThread, Registry]) -> None:
+def test_admin_models_estimate_load_unload(admin: tuple[ServerThread, Runtime]) -> None:
     srv, _reg = admin
     listing = httpx.get(srv.url + "/admin/models").json()
     by_id = {m["id"]: m for m in listing["models"]}
@@ -208,7 +228,7 @@ def test_admin_models_estimate_load_unload(admin: tuple[ServerThread, Registry])
     )
 
 
-def test_admin_events_stream(admin: tuple[ServerThread, Registry]) -> None:
+def test_admin_events_stream(admin: tuple[ServerThread, Runtime]) -> None:
     srv, reg = admin
     seen: list[str] = []
     connected = threading.Event()
@@ -230,12 +250,12 @@ def test_admin_events_stream(admin: tuple[ServerThread, Registry]) -> None:
         timeout=60,
         json={"model": SMOL, "prompt": "Hello", "max_tokens": 2},
     )
-    reg.unload(SMOL)
+    reg.scheduler.unload(SMOL)
     t.join(30)
     assert seen[:4] == ["loading", "loaded", "request", "unloaded"]
 
 
-def test_metrics_parse_with_prometheus_client(admin: tuple[ServerThread, Registry]) -> None:
+def test_metrics_parse_with_prometheus_client(admin: tuple[ServerThread, Runtime]) -> None:
     srv, _ = admin
     for _ in range(2):
         httpx.post(

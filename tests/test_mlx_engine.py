@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import sys
 from collections.abc import Iterator
@@ -19,13 +20,14 @@ from server.discovery import describe_file, describe_mlx_dir, discover, scan_hf_
 from server.engines import create_engine
 from server.engines.base import EngineOptions, GenerationRequest, SamplingParams, collect
 from server.errors import EngineFailure, InvalidRequest
+from server.events import LmxEvent
 from server.gguf import read_gguf
 from server.grammar import json_grammar
-from server.memory import estimate, estimate_model
-from server.registry import Registry, RegistryEvent
+from server.memory import estimate, estimate_by_format
 from server.runner import ServerThread
+from server.runtime import Runtime
 from server.safetensors import SafetensorsError, read_safetensors
-from tests.conftest import REAL_HOME, make_settings
+from tests.conftest import REAL_HOME, make_config
 from tests.mlx_model import f32_gguf_for
 
 MLX_ID = "mlx-community/smollm2-135m-instruct-4bit"
@@ -150,8 +152,9 @@ def test_a_model_dir_that_is_an_mlx_dir_is_named_after_its_folder(
     assert [(m.id, m.format, m.usable) for m in models] == [("smollm2-mlx", "mlx", True)]
 
 
-def test_mlx_repos_in_the_hf_cache_are_used_in_place(smollm2_mlx_dir: Path, tmp_path: Path) -> None:
-    cache = tmp_path / "hub"
+def hf_cache_with_mlx_repo(src: Path, cache: Path, *, real_blobs: bool = False) -> Path:
+    """huggingface_hub's layout (snapshot links into blobs) holding the converted model; its
+    blobs link to `src`'s files, or are files of their own (hard links) with `real_blobs`."""
     base = cache / "models--mlx-community--SmolLM2-135M-Instruct-4bit"
     commit = "b" * 40
     (base / "refs").mkdir(parents=True)
@@ -159,16 +162,48 @@ def test_mlx_repos_in_the_hf_cache_are_used_in_place(smollm2_mlx_dir: Path, tmp_
     (base / "blobs").mkdir()
     snap = base / "snapshots" / commit
     snap.mkdir(parents=True)
-    for i, name in enumerate(MODEL_FILES):  # huggingface_hub's layout: links into blobs
+    for i, name in enumerate(MODEL_FILES):
         blob = base / "blobs" / f"{i:064x}"
-        blob.symlink_to(smollm2_mlx_dir / name)
+        if not real_blobs:
+            blob.symlink_to(src / name)
+        else:
+            try:
+                os.link((src / name).resolve(), blob)
+            except OSError:  # another file system
+                shutil.copyfile(src / name, blob)
         (snap / name).symlink_to(os.path.relpath(blob, snap))
+    return snap
+
+
+def test_mlx_repos_in_the_hf_cache_are_used_in_place(smollm2_mlx_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "hub"
+    snap = hf_cache_with_mlx_repo(smollm2_mlx_dir, cache)
     models = scan_hf_cache(cache)
     assert [(m.id, m.source, m.format, m.usable) for m in models] == [
         (MLX_ID, "hf-cache", "mlx", True)
     ]
     assert models[0].path == snap
     assert models[0].quantization == "4bit"
+
+
+def test_an_mlx_repo_is_removed_from_the_hf_cache_with_its_blobs(
+    smollm2_mlx_dir: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "hub"
+    snap = hf_cache_with_mlx_repo(smollm2_mlx_dir, cache, real_blobs=True)
+    rt = Runtime(make_config(hf_cache=True, hf_cache_dir=cache))
+    try:
+        info = rt.catalog.resolve(MLX_ID)
+        assert info.format == "mlx"
+        # A folder's digest covers its files (here known from their blob names).
+        digest = rt.catalog.digest(info)
+        assert len(digest) == 64 and digest == rt.catalog.digest(info)
+        assert rt.remove(MLX_ID) == snap
+        assert not snap.exists()
+        assert list((snap.parent.parent / "blobs").iterdir()) == []
+        assert MLX_ID not in {m.id for m in rt.catalog.models()}
+    finally:
+        rt.close()
 
 
 def test_mlx_dirs_are_unusable_without_the_engine(
@@ -208,17 +243,17 @@ def test_safetensors_header_is_read_without_the_data(smollm2_mlx_dir: Path, tmp_
 def test_memory_estimate_dispatches_by_format(smollm2_mlx_dir: Path, smollm2_path: Path) -> None:
     gguf = describe_file("g", smollm2_path, "test")
     assert gguf.header is not None
-    assert estimate_model(gguf, 1024, 2) == estimate(gguf.header, 1024, 2)
+    assert estimate_by_format(gguf, 1024, 2) == estimate(gguf.header, 1024, 2)
     info = describe_mlx_dir("m", smollm2_mlx_dir, "test")
-    est = estimate_model(info, 1000, 3)
+    est = estimate_by_format(info, 1000, 3)
     assert est.weights == read_safetensors(smollm2_mlx_dir / "model.safetensors").data_bytes
     # 30 layers x 3 KV heads x 64 dims x (K, V) x float32, for 1000 tokens rounded up to 1024
     assert est.kv_cache == 30 * 3 * 64 * 2 * 4 * 1024 * 3
     assert (est.ctx, est.parallel) == (1000, 3)
-    assert estimate_model(info, 10**6, 1).ctx == 8192  # never past the trained context
+    assert estimate_by_format(info, 10**6, 1).ctx == 8192  # never past the trained context
     broken = describe_mlx_dir("b", smollm2_mlx_dir / "nothing", "test")
     with pytest.raises(ValueError, match="no metadata"):
-        estimate_model(broken, 1024, 1)
+        estimate_by_format(broken, 1024, 1)
 
 
 def test_kv_estimate_matches_mlx_lm_cache(smollm2_mlx_dir: Path) -> None:
@@ -238,7 +273,7 @@ def test_kv_estimate_matches_mlx_lm_cache(smollm2_mlx_dir: Path) -> None:
         del model, cache
         mx.clear_streams()
     info = describe_mlx_dir("m", smollm2_mlx_dir, "test")
-    assert estimate_model(info, 20, 1).kv_cache == used  # one 256-token step
+    assert estimate_by_format(info, 20, 1).kv_cache == used  # one 256-token step
 
 
 # ----- loading -------------------------------------------------------------------------------
@@ -274,29 +309,29 @@ def test_grammar_without_llguidance_is_a_clear_400(
         eng.close()
 
 
-# ----- the whole path: registry, HTTP, the published clients --------------------------------------
+# ----- the whole path: runtime, HTTP, the published clients --------------------------------------
 
 
 @pytest.fixture(scope="module")
 def mlx_server(
     smollm2_mlx_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[ServerThread, Registry]]:
+) -> Iterator[tuple[ServerThread, Runtime]]:
     root = tmp_path_factory.mktemp("mlx-models")
     linked_copy(smollm2_mlx_dir, root / "mlx-community" / "SmolLM2-135M-Instruct-4bit")
     import mlx_lm.generate  # noqa: F401  (imported before the load: `measured` is the model's)
 
-    reg = Registry(make_settings(model_dirs=[root], ctx=512, parallel=2))
-    with ServerThread(reg, reg.settings) as srv:
-        yield srv, reg
-    reg.close()
+    rt = Runtime(make_config(model_dirs=[root], ctx=512, parallel=2))
+    with ServerThread(rt) as srv:
+        yield srv, rt
+    rt.close()
 
 
-def test_openai_client_chats_with_an_mlx_model(mlx_server: tuple[ServerThread, Registry]) -> None:
+def test_openai_client_chats_with_an_mlx_model(mlx_server: tuple[ServerThread, Runtime]) -> None:
     import openai
 
-    srv, reg = mlx_server
-    events: list[RegistryEvent] = []
-    unsubscribe = reg.subscribe(events.append)
+    srv, rt = mlx_server
+    events: list[LmxEvent] = []
+    unsubscribe = rt.events.subscribe(events.append)
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=300)
     assert MLX_ID in [m.id for m in client.models.list().data]
     messages: Any = [{"role": "user", "content": "What is the capital of France?"}]
@@ -306,8 +341,8 @@ def test_openai_client_chats_with_an_mlx_model(mlx_server: tuple[ServerThread, R
     unsubscribe()
     text = r.choices[0].message.content or ""
     assert "Paris" in text and r.choices[0].finish_reason == "stop"
-    lm = reg.get_loaded(MLX_ID)
-    assert lm is not None
+    lm = rt.scheduler.get(MLX_ID)
+    assert lm is not None and lm.engine is not None
     assert r.usage is not None
     assert r.usage.prompt_tokens == len(lm.engine.format_chat(messages))
     assert r.usage.completion_tokens == len(lm.engine.tokenize(text, add_special=False))
@@ -354,7 +389,7 @@ def test_openai_client_chats_with_an_mlx_model(mlx_server: tuple[ServerThread, R
     assert isinstance(json.loads(r.choices[0].message.content or "")["capital"], str)
 
 
-def test_admin_and_ollama_see_the_mlx_model(mlx_server: tuple[ServerThread, Registry]) -> None:
+def test_admin_and_ollama_see_the_mlx_model(mlx_server: tuple[ServerThread, Runtime]) -> None:
     import ollama
 
     srv, _ = mlx_server
@@ -369,10 +404,16 @@ def test_admin_and_ollama_see_the_mlx_model(mlx_server: tuple[ServerThread, Regi
         options={"temperature": 0, "num_predict": 6},
     )
     assert r.message.content and r.eval_count is not None and 0 < r.eval_count <= 6
+    # A model that is a folder has a digest and details in Ollama's listings too.
+    tags = {t.model: t for t in client.list().models}
+    tag = tags[f"{MLX_ID}:latest"]
+    assert tag.digest and len(tag.digest) == 64
+    assert tag.details is not None and tag.details.format == "mlx"
+    assert f"{MLX_ID}:latest" in {p.model for p in client.ps().models}
 
 
 def test_bad_input_to_an_mlx_model_is_a_clear_4xx(
-    mlx_server: tuple[ServerThread, Registry],
+    mlx_server: tuple[ServerThread, Runtime],
 ) -> None:
     srv, _ = mlx_server
     body = {

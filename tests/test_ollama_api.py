@@ -2,32 +2,38 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import ollama
 import pytest
 
-from server.registry import Registry
 from server.runner import ServerThread
-from tests.conftest import make_settings
+from server.runtime import Runtime
+from tests.conftest import make_config, wait_for
 
 SMOL = "smollm2-135m-instruct.q4_1"
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[tuple[ServerThread, Registry]]:
-    reg = Registry(make_settings())
-    with ServerThread(reg, reg.settings) as srv:
-        yield srv, reg
-    reg.close()
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThread, Runtime]]:
+    cfg = tmp_path_factory.mktemp("ollama-cfg") / "lmx.toml"
+    cfg.write_text(
+        '[presets.pirate]\nmodel = "smollm2"\nsystem = "You are a pirate."\n'
+        "temperature = 0\nmax_tokens = 5\n"
+    )
+    rt = Runtime(make_config(cfg))
+    with ServerThread(rt) as srv:
+        yield srv, rt
+    rt.close()
 
 
 @pytest.fixture(scope="module")
-def client(served: tuple[ServerThread, Registry]) -> ollama.Client:
+def client(served: tuple[ServerThread, Runtime]) -> ollama.Client:
     return ollama.Client(host=served[0].url, timeout=120)
 
 
@@ -106,11 +112,8 @@ def test_ps_and_keep_alive_zero(client: ollama.Client, served: Any) -> None:
     ps = client.ps()
     assert [m.model for m in ps.models] == [f"{SMOL}:latest"] and ps.models[0].expires_at
     client.generate(model=SMOL, prompt="hi", options={"num_predict": 2}, keep_alive=0)
-    deadline = time.monotonic() + 5
-    while client.ps().models:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    assert reg.loaded() == []
+    wait_for(lambda: not client.ps().models)
+    assert reg.scheduler.loaded() == []
     client.generate(model=SMOL, prompt="", keep_alive="10m")  # empty prompt: just load
     assert [m.model for m in client.ps().models] == [f"{SMOL}:latest"]
     client.chat(model=SMOL, messages=[], keep_alive=0)  # empty chat + 0: unload
@@ -139,3 +142,45 @@ def test_errors_in_ollama_shape(client: ollama.Client, served: Any) -> None:
         served[0].url + "/api/generate", timeout=10, json={"model": SMOL, "prompt": "x " * 5000}
     )
     assert r.status_code == 400 and "context length" in r.json()["error"]
+
+
+def test_tags_digest_is_the_sha256_of_the_file(client: ollama.Client, smollm2_path: Path) -> None:
+    want = hashlib.sha256(smollm2_path.read_bytes()).hexdigest()
+    digests = {m.model: m.digest for m in client.list().models}
+    assert digests[f"{SMOL}:latest"] == want
+    assert digests[f"{SMOL}:latest"] == want  # the second listing reads the cached value
+
+
+def test_show_lists_capabilities(client: ollama.Client) -> None:
+    caps = client.show(SMOL).capabilities or []
+    assert "completion" in caps and "embedding" in caps
+
+
+def test_presets_work_on_the_ollama_api(client: ollama.Client, served: Any) -> None:
+    r = client.chat(model="pirate", messages=[{"role": "user", "content": "Hello!"}])
+    assert r.eval_count == 5  # the preset's max_tokens, with its system prompt and temperature
+    plain = client.chat(
+        model=SMOL,
+        messages=[
+            {"role": "system", "content": "You are a pirate."},
+            {"role": "user", "content": "Hello!"},
+        ],
+        options={"temperature": 0, "num_predict": 5},
+    )
+    assert r.message.content == plain.message.content
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("repeat_penalty", 0), ("top_k", -5), ("temperature", 3), ("top_p", 1.5), ("min_p", -1)],
+)
+def test_options_are_bounded_as_on_v1(
+    client: ollama.Client, served: Any, option: str, value: float
+) -> None:
+    r = httpx.post(
+        served[0].url + "/api/generate",
+        timeout=30,
+        json={"model": SMOL, "prompt": "x", "stream": False, "options": {option: value}},
+    )
+    assert r.status_code == 400, r.text
+    assert set(r.json()) == {"error"} and option in r.json()["error"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import ollama
 
 from server.discovery import discover
-from server.registry import Registry
 from server.runner import ServerThread
-from tests.conftest import make_settings
+from server.runtime import Runtime
+from tests.conftest import make_config
 
 
 def ollama_store(root: Path, smollm2: Path) -> None:
@@ -81,16 +81,16 @@ def test_ollama_clients_use_ollama_names_for_store_models(
     tmp_path: Path, smollm2_path: Path
 ) -> None:
     ollama_store(tmp_path / "ollama", smollm2_path)
-    reg = Registry(
-        make_settings(
+    reg = Runtime(
+        make_config(
             include_default_model=False,
-            include_user_stores=True,
+            user_stores=True,
             ollama_dir=tmp_path / "ollama",
-            lmstudio_dirs=[],
+            lmstudio_dirs=(),
         )
     )
     try:
-        with ServerThread(reg, reg.settings) as srv:
+        with ServerThread(reg) as srv:
             client = ollama.Client(host=srv.url, timeout=60)
             names = {m.model for m in client.list().models}
             assert names == {"smollm2:135m", "hf.co/someone/tiny-gguf:q4_1"}
@@ -99,6 +99,6 @@ def test_ollama_clients_use_ollama_names_for_store_models(
                 options={"num_predict": 4},
                 messages=[{"role": "user", "content": "hi"}],
             )
-            assert r.message.content and reg.loaded()[0].info.source == "ollama"
+            assert r.message.content and reg.scheduler.loaded()[0].info.source == "ollama"
     finally:
         reg.close()

@@ -24,7 +24,7 @@ def test_totals_keep_counting_after_old_records_roll_off() -> None:
     log.record(RequestRecord(at=0, method="POST", path="/v1/x", model=None, status=400))
     assert len(log.recent()) == 3  # the TUI sees the newest few
     counts, per = log.totals()
-    assert counts == {("m", 200): 5, ("", 400): 1}  # /metrics counts them all
+    assert counts == {("m", 200, ""): 5, ("", 400, ""): 1}  # /metrics counts them all
     m = per["m"]
     assert (m.prompt_tokens, m.cached_tokens) == (50, 0 + 1 + 2 + 3 + 4)
     assert m.ttft.n == 5 and m.ttft.counts[0] == 5  # all under 50 ms

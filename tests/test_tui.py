@@ -1,4 +1,4 @@
-"""The Textual app, driven by Pilot against the real registry, model and embedded server."""
+"""The Textual app, driven by Pilot against the real rt, model and embedded server."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from textual.css.query import NoMatches
 from textual.widgets import DataTable, Input, Static
 
 from lmx_tui.app import LmxApp, start_server
-from server.registry import Registry
 from server.runner import ServerThread
+from server.runtime import Runtime
 from server.telemetry import GpuSnapshot, SystemSnapshot
-from tests.conftest import make_settings
+from tests.conftest import make_config, wait_for
 
 MODEL = "smollm2-135m-instruct.q4_1"
 
@@ -41,10 +41,10 @@ def frozen_system(gpus: tuple[GpuSnapshot, ...] = ()) -> Callable[[], SystemSnap
 
 
 @pytest.fixture
-def registry() -> Iterator[Registry]:
-    reg = Registry(make_settings())
-    yield reg
-    reg.close()
+def rt() -> Iterator[Runtime]:
+    runtime = Runtime(make_config())
+    yield runtime
+    runtime.close()
 
 
 async def until(
@@ -71,11 +71,11 @@ def table_rows(app: LmxApp, selector: str) -> list[list[str]]:
     return [[str(c) for c in t.get_row_at(i)] for i in range(t.row_count)]
 
 
-async def test_browser_lists_and_loads_the_model(registry: Registry) -> None:
-    app = LmxApp(registry, system_sampler=frozen_system())
+async def test_browser_lists_and_loads_the_model(rt: Runtime) -> None:
+    app = LmxApp(rt, system_sampler=frozen_system())
     async with app.run_test(size=(100, 30)) as pilot:
         rows = table_rows(app, "#model-table")
-        est = registry.estimate_for(registry.resolve(MODEL)).total
+        est = rt.scheduler.estimate_for(rt.catalog.resolve(MODEL)).total
         assert rows == [
             [
                 MODEL,
@@ -90,7 +90,7 @@ async def test_browser_lists_and_loads_the_model(registry: Registry) -> None:
             ]
         ]
         await pilot.press("l")
-        await until(pilot, lambda: registry.get_loaded(MODEL) is not None)
+        await until(pilot, lambda: rt.scheduler.get(MODEL) is not None)
         await until(pilot, lambda: table_rows(app, "#model-table")[0][1] == "ready")
         await pilot.press("enter")  # details
         await pilot.pause(0.1)
@@ -98,15 +98,15 @@ async def test_browser_lists_and_loads_the_model(registry: Registry) -> None:
         assert "general.architecture = llama" in text and "<|im_start|>" in text
         await pilot.press("escape")
         await pilot.press("u")
-        await until(pilot, lambda: registry.get_loaded(MODEL) is None)
+        await until(pilot, lambda: rt.scheduler.get(MODEL) is None)
         await until(pilot, lambda: table_rows(app, "#model-table")[0][1] == "available")
 
 
-async def test_filter_and_sort(registry: Registry, tmp_path: Path, gemma_path: Path) -> None:
+async def test_filter_and_sort(rt: Runtime, tmp_path: Path, gemma_path: Path) -> None:
     (tmp_path / "other.gguf").symlink_to(gemma_path.resolve())
-    registry.settings.model_dirs = [tmp_path]
-    registry.refresh()
-    app = LmxApp(registry, system_sampler=frozen_system())
+    rt.config.update(model_dirs=(tmp_path,))
+    rt.catalog.refresh()
+    app = LmxApp(rt, system_sampler=frozen_system())
     async with app.run_test(size=(100, 30)) as pilot:
         assert len(table_rows(app, "#model-table")) == 2
         await pilot.press("slash", *"oth")
@@ -119,8 +119,8 @@ async def test_filter_and_sort(registry: Registry, tmp_path: Path, gemma_path: P
         assert [r[0] for r in table_rows(app, "#model-table")] == ["other", MODEL]
 
 
-async def test_chat_streams_and_stops(registry: Registry) -> None:
-    app = LmxApp(registry, system_sampler=frozen_system())
+async def test_chat_streams_and_stops(rt: Runtime) -> None:
+    app = LmxApp(rt, system_sampler=frozen_system())
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("f3")
         assert app.focused is app.query_one("#chat-input")
@@ -141,14 +141,37 @@ async def test_chat_streams_and_stops(registry: Registry) -> None:
         assert "stopped" in str(status.render())
         convo = chat.conversations[MODEL]  # type: ignore[attr-defined]
         assert convo[0]["content"] == "Tell me a very long story." and convo[1]["content"]
-        engine = registry.get_loaded(MODEL).engine  # type: ignore[union-attr]
+        engine = rt.scheduler.get(MODEL).engine  # type: ignore[union-attr]
         await until(pilot, lambda: engine.stats()["slots_busy"] == 0, 10)
         assert engine.finished["cancelled"] >= 1  # the same engine HTTP requests use
 
 
-async def test_http_requests_show_in_gauges_and_requests_pane(registry: Registry) -> None:
-    server = ServerThread(registry, registry.settings).start()
-    app = LmxApp(registry, server=server, system_sampler=frozen_system(), sample_interval=0.1)
+async def test_chat_with_a_cold_model_shows_its_reply_and_goes_through_the_pipeline(
+    rt: Runtime,
+) -> None:
+    """A first-time user: the model is not loaded yet. The reply must appear, and the chat is a
+    request like any other: leased (keep_alive, LRU), in the request log and /metrics."""
+    assert rt.scheduler.get(MODEL) is None
+    app = LmxApp(rt, system_sampler=frozen_system())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f3")
+        app.query_one("#chat-temp", Input).value = "0"
+        await pilot.press(*"Say hello.", "enter")
+        chat = app.query_one("#chat-pane")
+        await until(pilot, lambda: not chat.busy and len(chat.conversations.get(MODEL, [])) == 2)  # type: ignore[attr-defined]
+        reply = chat.conversations[MODEL][1]["content"]  # type: ignore[attr-defined]
+        bubbles = [str(w.render()) for w in app.query(".bubble.assistant")]
+        assert reply and bubbles == [reply]  # shown, not only counted in the status line
+        lm = rt.scheduler.get(MODEL)
+        assert lm is not None and lm.leases == 0 and lm.expires_at is not None  # released
+        rec = rt.requests.recent()[-1]
+        assert (rec.source, rec.model, rec.status) == ("tui", MODEL, 200)
+        assert rec.completion_tokens > 0
+
+
+async def test_http_requests_show_in_gauges_and_requests_pane(rt: Runtime) -> None:
+    server = ServerThread(rt).start()
+    app = LmxApp(rt, server=server, system_sampler=frozen_system(), sample_interval=0.1)
     try:
         async with app.run_test(size=(120, 34)) as pilot:
             assert server.url in app.sub_title
@@ -188,30 +211,30 @@ async def test_http_requests_show_in_gauges_and_requests_pane(registry: Registry
         server.stop()
 
 
-async def test_gpu_gauges(registry: Registry) -> None:
+async def test_gpu_gauges(rt: Runtime) -> None:
     gpus = (GpuSnapshot(0, "NVIDIA H100", 20_000_000_000, 80_000_000_000, 64),)
-    app = LmxApp(registry, system_sampler=frozen_system(gpus), sample_interval=0.05)
+    app = LmxApp(rt, system_sampler=frozen_system(gpus), sample_interval=0.05)
     async with app.run_test(size=(120, 34)) as pilot:
         await pilot.press("f4")
         await until(pilot, lambda: "H100" in str(app.query_one("#gauge-gpu", Static).render()))
         assert "util 64%" in str(app.query_one("#gauge-gpu", Static).render())
 
 
-async def test_port_in_use_is_shown_not_raised(registry: Registry) -> None:
+async def test_port_in_use_is_shown_not_raised(rt: Runtime) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        registry.settings.port = s.getsockname()[1]
-        server, note = start_server(registry, registry.settings)
+        rt.config.update(port=s.getsockname()[1])
+        server, note = start_server(rt)
     assert server is None and "in use" in note
-    app = LmxApp(registry, server_note=note, system_sampler=frozen_system())
+    app = LmxApp(rt, server_note=note, system_sampler=frozen_system())
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.pause()
         assert "in use" in app.sub_title
 
 
-async def test_help_and_command_palette(registry: Registry) -> None:
-    app = LmxApp(registry, system_sampler=frozen_system())
+async def test_help_and_command_palette(rt: Runtime) -> None:
+    app = LmxApp(rt, system_sampler=frozen_system())
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("f1")
         text = str(app.screen.query_one("#help-text", Static).render())
@@ -222,14 +245,14 @@ async def test_help_and_command_palette(registry: Registry) -> None:
         await pilot.press(*"Load smollm2")
         await pilot.pause(0.3)
         await pilot.press("enter")
-        await until(pilot, lambda: registry.get_loaded(MODEL) is not None)
+        await until(pilot, lambda: rt.scheduler.get(MODEL) is not None)
 
 
 async def test_hub_pull_shows_progress_and_can_be_cancelled(
     hub: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    reg = Registry(make_settings(include_hf_cache=True, hf_cache_dir=tmp_path / "hub"))
+    reg = Runtime(make_config(hf_cache=True, hf_cache_dir=tmp_path / "hub"))
     hub.delay = 0.004  # a slow link: the download is still running when we cancel it
     app = LmxApp(reg, system_sampler=frozen_system())
     try:
@@ -252,8 +275,7 @@ async def test_hub_pull_shows_progress_and_can_be_cancelled(
             assert row[0] == "smollm2-135m-instruct-q4_1.gguf" and "█" in row[2]
             await pilot.press("c")
             await until(pilot, lambda: table_rows(app, "#downloads-table")[0][1] == "cancelled")
-        await asyncio.sleep(0.5)
-        assert not list((tmp_path / "hub").rglob("*.lmx-partial"))
+        wait_for(lambda: not list((tmp_path / "hub").rglob("*.lmx-partial")))
     finally:
         hub.delay = 0.0
         reg.downloads.close()
@@ -264,7 +286,7 @@ async def test_hub_pull_shows_progress_and_can_be_cancelled(
 
 
 def _snap_app() -> LmxApp:
-    return LmxApp(Registry(make_settings()), system_sampler=frozen_system(), sample_interval=60)
+    return LmxApp(Runtime(make_config()), system_sampler=frozen_system(), sample_interval=60)
 
 
 def test_snapshot_models(snap_compare: Callable[..., bool]) -> None:
@@ -309,18 +331,15 @@ def test_installed_lmx_in_tmux_80x24(tmp_path: Path) -> None:
         f"env {env} {lmx} --port 0; echo EXITED $?; sleep 30",
     )
     try:
-        deadline = time.monotonic() + 60
-        screen = ""
-        while not all(t in screen for t in (MODEL, "serving http://127.0.0.1:", "Load", "Quit")):
-            assert time.monotonic() < deadline, screen
-            time.sleep(0.3)
-            screen = _tmux("capture-pane", "-p", "-t", session)
+
+        def screen() -> str:
+            return _tmux("capture-pane", "-p", "-t", session)
+
+        wanted = (MODEL, "serving http://127.0.0.1:", "Load", "Quit")
+        wait_for(lambda: all(t in screen() for t in wanted), 60)
         _tmux("send-keys", "-t", session, "C-q")
-        deadline = time.monotonic() + 20
-        while "EXITED" not in screen:
-            assert time.monotonic() < deadline, screen
-            time.sleep(0.2)
-            screen = _tmux("capture-pane", "-p", "-t", session)
-        assert "EXITED 0" in screen and "Traceback" not in screen
+        wait_for(lambda: "EXITED" in screen(), 20)
+        text = screen()
+        assert "EXITED 0" in text and "Traceback" not in text
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

@@ -12,9 +12,9 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Input, Select, Static
 
-from server.engines.base import Finished, GenerationRequest, SamplingParams, stream
 from server.errors import LmxError
-from server.registry import Registry
+from server.pipeline import Delta, Done, GenerateRequest, Sampling
+from server.runtime import Runtime
 
 
 class ChatPane(Vertical):
@@ -27,11 +27,13 @@ class ChatPane(Vertical):
         ),
     ]
 
-    def __init__(self, registry: Registry, **kw: object) -> None:
+    def __init__(self, rt: Runtime, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
-        self.registry = registry
+        self.rt = rt
         self.conversations: dict[str, list[dict[str, str]]] = {}
         self.busy = False
+        self._ids: list[str] = []
+        self._shown: str | None = None  # the model whose conversation the log shows
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="chat-settings"):
@@ -45,6 +47,9 @@ class ChatPane(Vertical):
         yield Input(placeholder="message (enter sends, esc stops)", id="chat-input")
 
     def set_models(self, ids: list[str]) -> None:
+        if ids == self._ids:
+            return  # a load or unload elsewhere must not reset the picker (or the chat)
+        self._ids = list(ids)
         select = self.query_one("#chat-model", Select)
         current = select.value
         select.set_options([(i, i) for i in ids])
@@ -59,9 +64,11 @@ class ChatPane(Vertical):
         return v if isinstance(v, str) else None
 
     def on_select_changed(self, event: Select.Changed) -> None:
-        self._redraw()
+        if self.model != self._shown:
+            self._redraw()
 
     def _redraw(self) -> None:
+        self._shown = self.model
         log = self.query_one("#chat-log", VerticalScroll)
         log.remove_children()
         for m in self.conversations.get(self.model or "", []):
@@ -98,38 +105,42 @@ class ChatPane(Vertical):
         log.scroll_end(animate=False)
         self.busy = True
         parts: list[str] = []
+        run = None
         try:
-            status.update(f"loading {model}…")
-            lm = await asyncio.to_thread(self.registry.ensure_loaded, model)
+            if self.rt.scheduler.get(model) is None:
+                status.update(f"loading {model}…")
             system = self.query_one("#chat-system", Input).value.strip()
             try:
                 temp = min(2.0, max(0.0, float(self.query_one("#chat-temp", Input).value)))
             except ValueError:
                 temp = 0.7
             msgs = ([{"role": "system", "content": system}] if system else []) + convo
-            engine = lm.engine
-            prompt = await asyncio.to_thread(engine.format_chat, msgs)
-            room = engine.context_length - len(prompt)
-            if room <= 0:
-                raise LmxError(
-                    f"the conversation has {len(prompt)} tokens; the context holds "
-                    f"{engine.context_length} (ctrl+l clears it)"
+            # The same pipeline as API requests: a lease (keep_alive, LRU), the request log.
+            run = await self.rt.service.start(
+                GenerateRequest(
+                    model=model,
+                    messages=msgs,
+                    max_tokens=1024,
+                    sampling=Sampling(temperature=temp),
+                    label="tui",
+                    path="chat",
                 )
-            req = GenerationRequest(
-                prompt, min(1024, room), SamplingParams(temperature=temp), label="tui"
             )
             t0 = time.perf_counter()
             n = 0
             status.update("thinking…")
-            async for _, ev in stream(engine, [req]):
-                if isinstance(ev, Finished):
-                    n = ev.completion_tokens
+            async for ev in run.events():
+                if isinstance(ev, Done):
+                    if ev.finished.reason == "error":
+                        raise LmxError(ev.finished.error or "generation failed")
+                    n = ev.finished.completion_tokens
                     secs = time.perf_counter() - t0
                     status.update(
                         f"{model} · {n} tokens · {n / secs:.1f} tok/s · "
-                        f"{ev.reason} · {ev.cached_tokens} cached"
+                        f"{ev.finished.reason} · {ev.finished.cached_tokens} cached"
                     )
-                    break
+                    continue
+                assert isinstance(ev, Delta)
                 parts.append(ev.text)
                 n += 1
                 answer.update("".join(parts))
@@ -141,6 +152,8 @@ class ChatPane(Vertical):
             status.update("stopped")
             raise
         finally:
+            if run is not None:
+                await run.aclose()  # a stopped reply frees its slot and is recorded at once
             self.busy = False
             reply = "".join(parts)
             answer.update(reply or "(no reply)")

@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Input, Static
 
 from server import hub
 from server.errors import LmxError
-from server.registry import Registry
+from server.runtime import Runtime
 from server.units import human_size
 
 
@@ -32,9 +32,9 @@ class HubPane(Vertical):
             super().__init__()
             self.repo, self.file = repo, file
 
-    def __init__(self, registry: Registry, **kw: Any) -> None:
+    def __init__(self, rt: Runtime, **kw: Any) -> None:
         super().__init__(**kw)
-        self.registry = registry
+        self.rt = rt
         self.repo: str | None = None
 
     def compose(self) -> ComposeResult:
@@ -79,7 +79,7 @@ class HubPane(Vertical):
         status = self.query_one("#hub-status", Static)
         status.update(f"listing {repo}…")
         try:
-            listing = await asyncio.to_thread(hub.listing, repo, self.registry.budget)
+            listing = await asyncio.to_thread(hub.listing, repo, self.rt.scheduler.budget)
         except LmxError as e:
             status.update(f"error: {e.message}")
             return

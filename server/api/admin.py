@@ -10,7 +10,8 @@ import msgspec
 from litestar import Controller, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter
-from litestar.response import Stream
+from litestar.response import ServerSentEvent
+from litestar.response.sse import ServerSentEventMessage
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -19,41 +20,47 @@ from prometheus_client.core import (
 )
 
 from server import hub
+from server.api.errors import OPENAI_ERRORS
 from server.discovery import ModelInfo
 from server.downloads import Download
 from server.errors import LmxError, NotFound
+from server.events import LmxEvent
 from server.memory import process_rss
-from server.registry import Registry, RegistryEvent
+from server.runtime import Runtime
 from server.telemetry import RequestRecord, SystemSampler
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _sse(event: str, data: Any) -> bytes:
-    return b"event: " + event.encode() + b"\ndata: " + msgspec.json.encode(data) + b"\n\n"
+def _sse(event: str, data: Any) -> ServerSentEventMessage:
+    return ServerSentEventMessage(data=msgspec.json.encode(data).decode(), event=event)
 
 
-def describe_model(registry: Registry, info: ModelInfo) -> dict[str, Any]:
-    """One model as the admin API, `lmx ls --estimate` and the TUI see it."""
+def describe_model(rt: Runtime, info: ModelInfo) -> dict[str, Any]:
+    """One model as the admin API, `lmx ls --estimate`, `lmx ps` and the TUI see it."""
+    sched = rt.scheduler
     out = info.describe()
-    lm = registry.get_loaded(info.id)
-    out["state"] = "available" if lm is None else lm.state
-    out["pinned"] = registry.is_pinned(info.id)
-    group = registry.group_of(info.id)
+    lm = sched.get(info.id)
+    out["state"] = sched.state_of(info.id)
+    out["pinned"] = sched.is_pinned(info.id)
+    out["template_error"] = rt.catalog.broken(info.id)
+    group = rt.catalog.group_of(info.id)
     out["group"] = group[0] if group else None
     if info.usable:
-        est = registry.estimate_for(info)
-        fits, evict = registry.plan(est.total, exclude=info.id)
+        est = lm.estimate if lm is not None else sched.estimate_for(info)
+        plan = sched.plan(est, exclude=info.id)
         out["memory_estimate"] = est.as_dict()
-        out["fits"] = fits and est.total <= registry.budget
-        out["would_evict"] = evict if lm is None else []
-    if lm is not None:
+        out["fits"] = lm is not None or plan.fits
+        out["fits_alone"] = est.total <= sched.budget
+        out["would_evict"] = plan.victims if lm is None else []
+    if lm is not None and lm.engine is not None:
         st = lm.engine.stats()
         out.update(
             {
                 "memory_measured": lm.measured,
                 "expires_in": lm.expires_in(),
-                "in_use": lm.in_use,
+                "in_use": lm.leases,
+                "ctx": lm.options.n_ctx,
                 "slots": st["slots"],
                 "slots_busy": st["slots_busy"],
                 "queue_depth": st["queue_depth"],
@@ -66,51 +73,56 @@ def describe_model(registry: Registry, info: ModelInfo) -> dict[str, Any]:
 
 
 class AdminController(Controller):
-    """TabbyAPI-style management over the shared registry."""
+    """TabbyAPI-style management over the shared runtime."""
 
     path = "/admin"
     tags = ["admin"]  # noqa: RUF012
+    exception_handlers = OPENAI_ERRORS
+    opt = {"scope": "admin"}  # noqa: RUF012
 
     @get("/models")
-    async def models(self, registry: NamedDependency[Registry]) -> dict[str, Any]:
+    async def models(self, rt: NamedDependency[Runtime]) -> dict[str, Any]:
+        sched = rt.scheduler
         return {
-            "budget_bytes": registry.budget,
-            "used_bytes": sum(lm.estimate.total for lm in registry.loaded()),
-            "models": [describe_model(registry, m) for m in registry.models()],
+            "budget_bytes": sched.budget,
+            "used_bytes": sum(lm.estimate.total for lm in sched.loaded()),
+            "models": [describe_model(rt, m) for m in rt.catalog.models()],
         }
 
     @get("/estimate")
     async def estimate(
         self,
-        registry: NamedDependency[Registry],
+        rt: NamedDependency[Runtime],
         model: FromQuery[str],
         ctx: Annotated[int | None, Parameter(ge=64, le=1_048_576)] = None,
         parallel: Annotated[int | None, Parameter(ge=1, le=64)] = None,
     ) -> dict[str, Any]:
-        info = registry.resolve(model)
-        est = registry.estimate_for(info, ctx, parallel)
-        fits, evict = registry.plan(est.total, exclude=info.id)
-        lm = registry.get_loaded(info.id)
+        sched = rt.scheduler
+        info = rt.catalog.resolve(model)
+        est = sched.estimate_for(info, ctx, parallel)
+        plan = sched.plan(est, exclude=info.id)
+        lm = sched.get(info.id)
         return {
             "model": info.id,
             "estimate": est.as_dict(),
-            "budget_bytes": registry.budget,
-            "fits": fits and est.total <= registry.budget,
-            "fits_alone": est.total <= registry.budget,
-            "would_evict": evict,
+            "budget_bytes": sched.budget,
+            "fits": plan.fits,
+            "fits_alone": est.total <= sched.budget,
+            "would_evict": plan.victims,
+            "blocked_by": plan.blocked_by,
             "measured_bytes": lm.measured if lm else None,
         }
 
     @post("/models/{model_id:str}/load", status_code=200)
-    async def load(self, registry: NamedDependency[Registry], model_id: FromPath[str]) -> Stream:
-        info = registry.resolve(model_id)  # unknown names fail here, as a plain 404
+    async def load(self, rt: NamedDependency[Runtime], model_id: FromPath[str]) -> ServerSentEvent:
+        info = rt.catalog.resolve(model_id)  # unknown names fail here, as a plain 404
 
-        async def events() -> AsyncIterator[bytes]:
+        async def events() -> AsyncIterator[ServerSentEventMessage]:
             yield _sse(
-                "loading", {"model": info.id, "estimate": registry.estimate_for(info).as_dict()}
+                "loading", {"model": info.id, "estimate": rt.scheduler.estimate_for(info).as_dict()}
             )
             try:
-                lm = await asyncio.to_thread(registry.ensure_loaded, info.id)
+                lm = await asyncio.to_thread(rt.scheduler.load, info)
             except LmxError as e:
                 yield _sse("error", {"model": info.id, "error": e.message, "status": e.status})
                 return
@@ -124,27 +136,35 @@ class AdminController(Controller):
                 },
             )
 
-        return Stream(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return ServerSentEvent(events(), headers=SSE_HEADERS)
 
     @post("/models/{model_id:str}/unload", status_code=200)
-    async def unload(
-        self, registry: NamedDependency[Registry], model_id: FromPath[str]
-    ) -> dict[str, Any]:
-        info = registry.resolve(model_id)
-        done = await asyncio.to_thread(registry.unload, info.id)
+    async def unload(self, rt: NamedDependency[Runtime], model_id: FromPath[str]) -> dict[str, Any]:
+        info = rt.catalog.resolve(model_id)
+        done = await asyncio.to_thread(rt.scheduler.unload, info.id)
         return {"model": info.id, "unloaded": done}
 
+    @delete("/models/{model_id:str}", status_code=200)
+    async def remove(self, rt: NamedDependency[Runtime], model_id: FromPath[str]) -> dict[str, Any]:
+        path = await asyncio.to_thread(rt.remove, model_id)
+        return {"removed": str(path)}
+
     @post("/models/{model_id:str}/pin", status_code=200)
-    async def pin(
-        self, registry: NamedDependency[Registry], model_id: FromPath[str]
-    ) -> dict[str, Any]:
-        return {"model": registry.pin(model_id, True), "pinned": True}
+    async def pin(self, rt: NamedDependency[Runtime], model_id: FromPath[str]) -> dict[str, Any]:
+        info = rt.catalog.resolve(model_id)
+        rt.scheduler.pin(info.id, True)
+        return {"model": info.id, "pinned": True}
 
     @post("/models/{model_id:str}/unpin", status_code=200)
-    async def unpin(
-        self, registry: NamedDependency[Registry], model_id: FromPath[str]
-    ) -> dict[str, Any]:
-        return {"model": registry.pin(model_id, False), "pinned": False}
+    async def unpin(self, rt: NamedDependency[Runtime], model_id: FromPath[str]) -> dict[str, Any]:
+        info = rt.catalog.resolve(model_id)
+        rt.scheduler.pin(info.id, False)
+        return {"model": info.id, "pinned": False}
+
+    @post("/rescan", status_code=200)
+    async def rescan(self, rt: NamedDependency[Runtime]) -> dict[str, Any]:
+        found = await asyncio.to_thread(rt.catalog.refresh)
+        return {"models": len(found)}
 
     # ----- hub and downloads -------------------------------------------------------------
 
@@ -159,43 +179,43 @@ class AdminController(Controller):
 
     @get("/hub/{org:str}/{name:str}/files")
     async def hub_files(
-        self, registry: NamedDependency[Registry], org: FromPath[str], name: FromPath[str]
+        self, rt: NamedDependency[Runtime], org: FromPath[str], name: FromPath[str]
     ) -> dict[str, Any]:
-        listing = await asyncio.to_thread(hub.listing, f"{org}/{name}", registry.budget)
+        listing = await asyncio.to_thread(hub.listing, f"{org}/{name}", rt.scheduler.budget)
         listing.pop("_choices")
         return listing
 
     @post("/downloads", status_code=200)
     async def add_download(
-        self, registry: NamedDependency[Registry], data: JSONBody[DownloadBody]
+        self, rt: NamedDependency[Runtime], data: JSONBody[DownloadBody]
     ) -> dict[str, Any]:
-        jobs = await asyncio.to_thread(registry.pull, data.repo, data.quant, data.file)
+        jobs = await asyncio.to_thread(rt.pull, data.repo, data.quant, data.file)
         return {"downloads": [j.as_dict() for j in jobs]}
 
     @get("/downloads")
-    async def list_downloads(self, registry: NamedDependency[Registry]) -> dict[str, Any]:
-        return {"downloads": [d.as_dict() for d in registry.downloads.list()]}
+    async def list_downloads(self, rt: NamedDependency[Runtime]) -> dict[str, Any]:
+        return {"downloads": [d.as_dict() for d in rt.downloads.list()]}
 
     @delete("/downloads/{job_id:str}", status_code=200)
     async def cancel_download(
-        self, registry: NamedDependency[Registry], job_id: FromPath[str]
+        self, rt: NamedDependency[Runtime], job_id: FromPath[str]
     ) -> dict[str, Any]:
-        return _job(registry, job_id, registry.downloads.cancel).as_dict()
+        return _job(job_id, rt.downloads.cancel).as_dict()
 
     @post("/downloads/{job_id:str}/pause", status_code=200)
     async def pause_download(
-        self, registry: NamedDependency[Registry], job_id: FromPath[str]
+        self, rt: NamedDependency[Runtime], job_id: FromPath[str]
     ) -> dict[str, Any]:
-        return _job(registry, job_id, registry.downloads.pause).as_dict()
+        return _job(job_id, rt.downloads.pause).as_dict()
 
     @post("/downloads/{job_id:str}/resume", status_code=200)
     async def resume_download(
-        self, registry: NamedDependency[Registry], job_id: FromPath[str]
+        self, rt: NamedDependency[Runtime], job_id: FromPath[str]
     ) -> dict[str, Any]:
-        return _job(registry, job_id, registry.downloads.resume).as_dict()
+        return _job(job_id, rt.downloads.resume).as_dict()
 
     @get("/events")
-    async def events(self, registry: NamedDependency[Registry]) -> Stream:
+    async def events(self, rt: NamedDependency[Runtime]) -> ServerSentEvent:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(maxsize=1000)
 
@@ -206,7 +226,7 @@ class AdminController(Controller):
 
             loop.call_soon_threadsafe(add)
 
-        def on_model(ev: RegistryEvent) -> None:
+        def on_event(ev: LmxEvent) -> None:
             put(ev.kind, {"model": ev.model, "at": ev.at, **ev.detail})
 
         def on_request(rec: RequestRecord) -> None:
@@ -215,6 +235,8 @@ class AdminController(Controller):
                 {
                     "model": rec.model,
                     "path": rec.path,
+                    "source": rec.source,
+                    "key": rec.key,
                     "status": rec.status,
                     "prompt_tokens": rec.prompt_tokens,
                     "completion_tokens": rec.completion_tokens,
@@ -223,23 +245,23 @@ class AdminController(Controller):
                 },
             )
 
-        unsubscribe = [registry.subscribe(on_model), registry.requests.subscribe(on_request)]
+        unsubscribe = [rt.events.subscribe(on_event), rt.requests.subscribe(on_request)]
 
-        async def stream() -> AsyncIterator[bytes]:
+        async def stream() -> AsyncIterator[ServerSentEventMessage]:
             try:
-                yield b": lmx events\n\n"
+                yield ServerSentEventMessage(comment="lmx events")
                 while True:
                     try:
                         kind, data = await asyncio.wait_for(queue.get(), timeout=15)
                     except TimeoutError:
-                        yield b": keep-alive\n\n"
+                        yield ServerSentEventMessage(comment="keep-alive")
                         continue
                     yield _sse(kind, data)
             finally:
                 for fn in unsubscribe:
                     fn()
 
-        return Stream(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return ServerSentEvent(stream(), headers=SSE_HEADERS)
 
 
 class DownloadBody(msgspec.Struct, kw_only=True):
@@ -250,7 +272,7 @@ class DownloadBody(msgspec.Struct, kw_only=True):
     file: str | None = None
 
 
-def _job(registry: Registry, job_id: str, action: Any) -> Download:
+def _job(job_id: str, action: Any) -> Download:
     try:
         return action(job_id)  # type: ignore[no-any-return]
     except KeyError as e:
@@ -261,20 +283,22 @@ def _job(registry: Registry, job_id: str, action: Any) -> Download:
 
 
 class MetricsCollector:
-    """Reads the registry and the request log at scrape time; nothing is counted twice."""
+    """Reads the scheduler and the request log at scrape time; nothing is counted twice."""
 
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
         self.system = SystemSampler()
 
     def collect(self) -> Any:
-        reg = self.registry
-        counts, per = reg.requests.totals()
+        rt = self.rt
+        counts, per = rt.requests.totals()
         requests = CounterMetricFamily(
-            "lmx_requests", "API requests by model and status", labels=["model", "status"]
+            "lmx_requests",
+            "API requests by model, status and API key name",
+            labels=["model", "status", "key"],
         )
-        for (m, status), n in sorted(counts.items()):
-            requests.add_metric([m, str(status)], n)
+        for (m, status, key), n in sorted(counts.items()):
+            requests.add_metric([m, str(status), key], n)
         yield requests
         prompt = CounterMetricFamily("lmx_prompt_tokens", "Prompt tokens", labels=["model"])
         cached = CounterMetricFamily(
@@ -305,8 +329,10 @@ class MetricsCollector:
         memory = GaugeMetricFamily(
             "lmx_model_memory_bytes", "Memory of loaded models", labels=["model", "kind"]
         )
-        loaded = reg.loaded()
+        loaded = rt.scheduler.loaded()
         for lm in loaded:
+            if lm.engine is None:
+                continue
             st = lm.engine.stats()
             generated.add_metric([lm.info.id], st["tokens_generated"])
             queue.add_metric([lm.info.id], st["queue_depth"])
@@ -315,7 +341,9 @@ class MetricsCollector:
             memory.add_metric([lm.info.id, "measured"], lm.measured)
         yield from (generated, queue, busy, memory)
         yield GaugeMetricFamily("lmx_models_loaded", "Loaded models", value=len(loaded))
-        yield GaugeMetricFamily("lmx_memory_budget_bytes", "Memory budget", value=reg.budget)
+        yield GaugeMetricFamily(
+            "lmx_memory_budget_bytes", "Memory budget", value=rt.scheduler.budget
+        )
         yield GaugeMetricFamily(
             "lmx_process_resident_memory_bytes", "RSS of lmx", value=process_rss()
         )
@@ -334,11 +362,11 @@ class MetricsCollector:
             yield total
 
 
-def metrics_handler(registry: Registry) -> Any:
+def metrics_handler(rt: Runtime) -> Any:
     prom = CollectorRegistry(auto_describe=False)
-    prom.register(MetricsCollector(registry))
+    prom.register(MetricsCollector(rt))
 
-    @get("/metrics", opt={"public": False}, tags=["lmx"], include_in_schema=True)
+    @get("/metrics", opt={"metrics": True}, tags=["lmx"], include_in_schema=True)
     async def metrics() -> Response[bytes]:
         body = await asyncio.to_thread(generate_latest, prom)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

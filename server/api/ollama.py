@@ -1,44 +1,60 @@
-"""The Ollama API (/api/*), so Ollama clients work unchanged over the same registry."""
+"""The Ollama dialect (/api/*): Ollama clients work unchanged over the generation pipeline.
+
+Requests in (Ollama fields and `options` to a `GenerateRequest`), events out (NDJSON lines or
+one object), errors out (`{"error": "..."}`, by this router's exception handlers).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, delete, get, post
+from litestar import Controller, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.response import Stream
+from msgspec import Meta
 
 from server import __version__
-from server.api.openai import keep_alive_value, log_request
+from server.api.errors import OLLAMA_ERRORS
+from server.api.openai import keep_alive_value
+from server.api.schemas import (
+    Duration,
+    NonEmpty,
+    Penalty,
+    Probability,
+    RepeatPenalty,
+    Temperature,
+    TopK,
+)
 from server.discovery import ModelInfo
-from server.engines.base import Finished, GenerationRequest, SamplingParams, TokenText, stream
-from server.errors import ContextOverflow, EngineFailure, InvalidRequest, LmxError
-from server.grammar import json_grammar
-from server.registry import LoadedModel, Registry
+from server.engines.base import Finished
+from server.errors import EngineFailure, InvalidRequest, LmxError
+from server.pipeline import Delta, Done, GenerateRequest, Run, Sampling
+from server.runtime import Runtime
+from server.scheduler import LoadedModel
 
 NDJSON = "application/x-ndjson"
 
 
 class Options(msgspec.Struct, kw_only=True):
-    """Ollama's `options` (the ones llama.cpp sampling understands; others are ignored)."""
+    """Ollama's `options` (those llama.cpp sampling understands; others are ignored), with the
+    same bounds as the OpenAI API."""
 
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    top_k: TopK | None = None
+    min_p: Probability | None = None
+    repeat_penalty: RepeatPenalty | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     seed: int | None = None
-    num_predict: int | None = None
-    stop: list[str] | None = None
+    num_predict: int | None = None  # <= 0: until the context is full
+    stop: Annotated[list[str], Meta(max_length=16)] | None = None
 
 
 class Message(msgspec.Struct, kw_only=True):
@@ -47,13 +63,17 @@ class Message(msgspec.Struct, kw_only=True):
     images: list[str] | None = None
 
 
+# Ollama's `format`: "json", or a JSON schema the output must match.
+Format = Literal["json", ""] | dict[str, Any] | None
+
+
 class ChatBody(msgspec.Struct, kw_only=True):
     model: str
     messages: list[Message] = []
     stream: bool = True
-    format: str | dict[str, Any] | None = None
+    format: Format = None
     options: Options | None = None
-    keep_alive: str | int | float | None = None
+    keep_alive: Duration = None
     tools: list[dict[str, Any]] | None = None
 
 
@@ -63,22 +83,22 @@ class GenerateBody(msgspec.Struct, kw_only=True):
     system: str | None = None
     stream: bool = True
     raw: bool = False
-    format: str | dict[str, Any] | None = None
+    format: Format = None
     options: Options | None = None
-    keep_alive: str | int | float | None = None
+    keep_alive: Duration = None
     images: list[str] | None = None
 
 
 class EmbedBody(msgspec.Struct, kw_only=True):
     model: str
-    input: str | list[str]
-    keep_alive: str | int | float | None = None
+    input: NonEmpty | Annotated[list[NonEmpty], Meta(min_length=1)]
+    keep_alive: Duration = None
 
 
 class EmbeddingsBody(msgspec.Struct, kw_only=True):
     model: str
-    prompt: str
-    keep_alive: str | int | float | None = None
+    prompt: NonEmpty
+    keep_alive: Duration = None
 
 
 class ModelBody(msgspec.Struct, kw_only=True):
@@ -92,19 +112,30 @@ class ModelBody(msgspec.Struct, kw_only=True):
         return str(self.model or self.name)
 
 
+class PullBody(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    name: str | None = None
+    stream: bool = True
+    insecure: bool = False
+
+
+class NotSupported(LmxError):
+    """A known endpoint asked for something lmx does not do."""
+
+    status = 501
+    type = "server_error"
+    code = "not_implemented"
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
-
-
-def _digest(info: ModelInfo) -> str:
-    return hashlib.sha256(f"{info.path}:{info.size_bytes}".encode()).hexdigest()
 
 
 def _details(info: ModelInfo) -> dict[str, Any]:
     arch = info.architecture or ""
     return {
         "parent_model": "",
-        "format": "gguf",
+        "format": info.format,
         "family": arch,
         "families": [arch] if arch else None,
         "parameter_size": _param_size(info.parameters),
@@ -118,7 +149,7 @@ def _param_size(n: int | None) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
 
-def _tag(info: ModelInfo) -> dict[str, Any]:
+def _tag(rt: Runtime, info: ModelInfo) -> dict[str, Any]:
     mtime = info.path.stat().st_mtime if info.path.exists() else 0
     name = info.id if ":" in info.id.rsplit("/", 1)[-1] else f"{info.id}:latest"
     return {
@@ -126,14 +157,27 @@ def _tag(info: ModelInfo) -> dict[str, Any]:
         "model": name,
         "modified_at": datetime.fromtimestamp(mtime, UTC).isoformat().replace("+00:00", "Z"),
         "size": info.size_bytes,
-        "digest": _digest(info),
+        "digest": rt.catalog.digest(info),
         "details": _details(info),
     }
 
 
-def _sampling(o: Options | None) -> SamplingParams:
+def _ps_entry(rt: Runtime, lm: LoadedModel) -> dict[str, Any]:
+    left = lm.expires_in()
+    expires = (datetime.now(UTC).timestamp() + left) if left is not None else 4102444800
+    devices = lm.estimate.by_device()
+    return {
+        **_tag(rt, lm.info),
+        "size": lm.measured or lm.estimate.total,
+        "size_vram": sum(b for d, b in devices.items() if d != "ram"),
+        "expires_at": datetime.fromtimestamp(expires, UTC).isoformat().replace("+00:00", "Z"),
+        "context_length": lm.options.n_ctx,
+    }
+
+
+def _sampling(o: Options | None) -> Sampling:
     o = o or Options()
-    return SamplingParams.merged(
+    return Sampling(
         temperature=o.temperature,
         top_p=o.top_p,
         top_k=o.top_k,
@@ -145,34 +189,47 @@ def _sampling(o: Options | None) -> SamplingParams:
     )
 
 
-def _grammar(fmt: str | dict[str, Any] | None) -> str | None:
+def _format(fmt: str | dict[str, Any] | None) -> tuple[bool, dict[str, Any] | None]:
     if fmt is None or fmt == "":
-        return None
+        return False, None
     if fmt == "json":
-        return json_grammar(None)
+        return True, None
     if isinstance(fmt, dict):
-        return json_grammar(fmt)
+        return True, fmt
     raise InvalidRequest(f"format must be 'json' or a JSON schema, not {fmt!r}", param="format")
 
 
 def _request(
-    lm: LoadedModel, prompt: list[int], o: Options | None, grammar: str | None
-) -> GenerationRequest:
-    limit = lm.engine.context_length
-    if len(prompt) >= limit:
-        raise ContextOverflow(len(prompt), limit)
-    room = limit - len(prompt)
-    want = o.num_predict if o and o.num_predict and o.num_predict > 0 else room
-    stop = [s for s in (o.stop if o and o.stop else []) if s]
-    return GenerationRequest(
-        prompt, min(want, room), _sampling(o), stop=stop, grammar=grammar, label="ollama"
+    model: str,
+    options: Options | None,
+    fmt: Any,
+    keep_alive: float | None,
+    path: str,
+    **what: Any,
+) -> GenerateRequest:
+    json_mode, schema = _format(fmt)
+    o = options or Options()
+    want = o.num_predict if o.num_predict and o.num_predict > 0 else None
+    return GenerateRequest(
+        model=model,
+        max_tokens=want,
+        sampling=_sampling(o),
+        stop=list(o.stop or []),
+        json_mode=json_mode,
+        json_schema=schema,
+        keep_alive=keep_alive,
+        label="ollama",
+        path=path,
+        param_prefix="options.",
+        **what,
     )
 
 
-def _final(model: str, fin: Finished, started: float, load_s: float) -> dict[str, Any]:
-    total = time.perf_counter() - started
+def _final(model: str, run: Run, fin: Finished) -> dict[str, Any]:
+    total = time.perf_counter() - run.started
     t = fin.timings
     prompt_s = (t.ttft_ms - t.queue_ms) / 1000 if t else 0.0
+    load_s = run.load_seconds
     return {
         "model": model,
         "created_at": _now(),
@@ -192,38 +249,26 @@ class OllamaController(Controller):
 
     path = "/api"
     tags = ["ollama"]  # noqa: RUF012
+    exception_handlers = OLLAMA_ERRORS
 
     @get("/version")
     async def version(self) -> dict[str, Any]:
         return {"version": __version__}
 
     @get("/tags")
-    async def tags_(self, registry: NamedDependency[Registry]) -> dict[str, Any]:
-        return {"models": [_tag(m) for m in registry.models() if m.usable]}
+    async def tags_(self, rt: NamedDependency[Runtime]) -> dict[str, Any]:
+        models = [m for m in rt.catalog.models() if m.usable]
+        # The first listing of a file not in a blob store hashes it (cached afterwards).
+        return {"models": await asyncio.to_thread(lambda: [_tag(rt, m) for m in models])}
 
     @get("/ps")
-    async def ps(self, registry: NamedDependency[Registry]) -> dict[str, Any]:
-        out = []
-        for lm in registry.loaded():
-            left = lm.expires_in()
-            expires = (datetime.now(UTC).timestamp() + left) if left is not None else 4102444800
-            out.append(
-                {
-                    **_tag(lm.info),
-                    "size": lm.measured or lm.estimate.total,
-                    "size_vram": 0,
-                    "expires_at": datetime.fromtimestamp(expires, UTC)
-                    .isoformat()
-                    .replace("+00:00", "Z"),
-                }
-            )
-        return {"models": out}
+    async def ps(self, rt: NamedDependency[Runtime]) -> dict[str, Any]:
+        loaded = rt.scheduler.loaded()
+        return {"models": await asyncio.to_thread(lambda: [_ps_entry(rt, lm) for lm in loaded])}
 
     @post("/show", status_code=200)
-    async def show(
-        self, registry: NamedDependency[Registry], data: JSONBody[ModelBody]
-    ) -> dict[str, Any]:
-        info = registry.resolve(data.which)
+    async def show(self, rt: NamedDependency[Runtime], data: JSONBody[ModelBody]) -> dict[str, Any]:
+        info = rt.catalog.resolve(data.which)
         meta = dict(info.header.metadata) if info.header else {}
         meta.pop("tokenizer.chat_template", None)
         return {
@@ -232,197 +277,120 @@ class OllamaController(Controller):
             "template": info.chat_template or "",
             "details": _details(info),
             "model_info": {k: v for k, v in meta.items() if not isinstance(v, list)},
-            "capabilities": ["completion"],
-            "modified_at": _tag(info)["modified_at"],
+            "capabilities": ["completion", "embedding"],
+            "modified_at": _tag(rt, info)["modified_at"],
         }
 
     @post("/chat", status_code=200)
-    async def chat(self, registry: NamedDependency[Registry], data: JSONBody[ChatBody]) -> Any:
+    async def chat(self, rt: NamedDependency[Runtime], data: JSONBody[ChatBody]) -> Response[Any]:
         if data.tools:
             raise InvalidRequest("tool calling is not supported yet", param="tools")
         if any(m.images for m in data.messages):
             raise InvalidRequest("this model does not accept images", param="messages")
-        msgs = [{"role": m.role, "content": m.content} for m in data.messages]
-        return await self._run(
-            registry,
+        ka = keep_alive_value(data.keep_alive)
+        if not data.messages:
+            return Response(await self._load_or_unload(rt, data.model, ka, chat=True))
+        req = _request(
             data.model,
-            data.keep_alive,
-            data.stream,
             data.options,
             data.format,
+            ka,
             "/api/chat",
-            lambda lm: lm.engine.format_chat(msgs),
-            chat=True,
-            empty=not msgs,
+            messages=[{"role": m.role, "content": m.content} for m in data.messages],
         )
+        return await self._respond(rt, req, data.model, data.stream, chat=True)
 
     @post("/generate", status_code=200)
     async def generate(
-        self, registry: NamedDependency[Registry], data: JSONBody[GenerateBody]
-    ) -> Any:
+        self, rt: NamedDependency[Runtime], data: JSONBody[GenerateBody]
+    ) -> Response[Any]:
         if data.images:
             raise InvalidRequest("this model does not accept images", param="images")
-
-        def prompt(lm: LoadedModel) -> list[int]:
-            if data.raw:
-                return lm.engine.tokenize(data.prompt, add_special=True, special=True)
+        ka = keep_alive_value(data.keep_alive)
+        if not data.prompt:
+            return Response(await self._load_or_unload(rt, data.model, ka, chat=False))
+        if data.raw:
+            what: dict[str, Any] = {"prompts": [data.prompt], "raw": True}
+        else:
             msgs = [{"role": "system", "content": data.system}] if data.system else []
-            return lm.engine.format_chat([*msgs, {"role": "user", "content": data.prompt}])
+            what = {"messages": [*msgs, {"role": "user", "content": data.prompt}]}
+        req = _request(data.model, data.options, data.format, ka, "/api/generate", **what)
+        return await self._respond(rt, req, data.model, data.stream, chat=False)
 
-        return await self._run(
-            registry,
-            data.model,
-            data.keep_alive,
-            data.stream,
-            data.options,
-            data.format,
-            "/api/generate",
-            prompt,
-            chat=False,
-            empty=not data.prompt,
-        )
+    async def _load_or_unload(
+        self, rt: Runtime, model: str, ka: float | None, *, chat: bool
+    ) -> dict[str, Any]:
+        """Ollama's empty prompt loads a model (keep_alive 0: unloads it)."""
+        if ka == 0:
+            info = rt.catalog.target(model).info
+            await asyncio.to_thread(rt.scheduler.unload, info.id)
+            reason = "unload"
+        else:
+            lease = await rt.service.load(model, ka)
+            lease.release()
+            reason = "load"
+        body: dict[str, Any] = {
+            "model": model,
+            "created_at": _now(),
+            "done": True,
+            "done_reason": reason,
+        }
+        body.update({"message": {"role": "assistant", "content": ""}} if chat else {"response": ""})
+        return body
 
-    async def _run(
-        self,
-        registry: Registry,
-        model: str,
-        keep_alive: Any,
-        streaming: bool,
-        options: Options | None,
-        fmt: Any,
-        path: str,
-        make_prompt: Any,
-        *,
-        chat: bool,
-        empty: bool,
-    ) -> Any:
-        ka = keep_alive_value(keep_alive)
-        grammar = _grammar(fmt)
-        started = time.perf_counter()
-        if empty:  # Ollama's way to load (or, with keep_alive 0, unload) a model
-            info = registry.resolve(model)
-            if ka == 0:
-                await asyncio.to_thread(registry.unload, info.id)
-                reason = "unload"
+    async def _respond(
+        self, rt: Runtime, req: GenerateRequest, model: str, streaming: bool, *, chat: bool
+    ) -> Response[Any]:
+        run = await rt.service.start(req)
+
+        def piece(text: str) -> dict[str, Any]:
+            out: dict[str, Any] = {"model": model, "created_at": _now(), "done": False}
+            if chat:
+                out["message"] = {"role": "assistant", "content": text}
             else:
-                lm = await asyncio.to_thread(registry.acquire, info.id)
-                registry.release(lm, ka)
-                reason = "load"
-            body: dict[str, Any] = {
-                "model": model,
-                "created_at": _now(),
-                "done": True,
-                "done_reason": reason,
-            }
-            body.update(
-                {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
-            )
-            return body
-        loaded_before = registry.get_loaded(registry.resolve(model).id) is not None
-        t_load = time.perf_counter()
-        lm = await asyncio.to_thread(registry.acquire, model)
-        load_s = 0.0 if loaded_before else time.perf_counter() - t_load
-        handed = False
-        try:
-            prompt = await asyncio.to_thread(make_prompt, lm)
-            req = _request(lm, prompt, options, grammar)
+                out["response"] = text
+            return out
 
-            def piece(text: str) -> dict[str, Any]:
-                out: dict[str, Any] = {"model": model, "created_at": _now(), "done": False}
-                if chat:
-                    out["message"] = {"role": "assistant", "content": text}
-                else:
-                    out["response"] = text
-                return out
-
-            if streaming:
-                handed = True
-                return Stream(
-                    self._ndjson(registry, lm, ka, req, piece, model, started, load_s, path),
-                    media_type=NDJSON,
-                )
-            parts: list[str] = []
-            fin: Finished | None = None
-            async for _, ev in stream(lm.engine, [req]):
-                if isinstance(ev, TokenText):
-                    parts.append(ev.text)
-                else:
-                    fin = ev
-            assert fin is not None
-            if fin.reason == "error":
-                raise EngineFailure(fin.error or "generation failed")
-            log_request(registry, path, lm.info.id, 200, [fin], started)
-            return {**piece("".join(parts)), **_final(model, fin, started, load_s)}
-        finally:
-            if not handed:
-                registry.release(lm, ka)
-
-    async def _ndjson(
-        self,
-        registry: Registry,
-        lm: LoadedModel,
-        ka: float | None,
-        req: GenerationRequest,
-        piece: Any,
-        model: str,
-        started: float,
-        load_s: float,
-        path: str,
-    ) -> AsyncIterator[bytes]:
-        status = 499
-        fin: Finished | None = None
-        try:
-            async for _, ev in stream(lm.engine, [req]):
-                if isinstance(ev, TokenText):
-                    yield msgspec.json.encode(piece(ev.text)) + b"\n"
-                    continue
-                fin = ev
-                if ev.reason == "error":
-                    status = 503
-                    yield msgspec.json.encode({"error": ev.error}) + b"\n"
-                    return
-                yield (
-                    msgspec.json.encode({**piece(""), **_final(model, ev, started, load_s)}) + b"\n"
-                )
-            status = 200
-        finally:
-            registry.release(lm, ka)
-            log_request(registry, path, lm.info.id, status, [fin] if fin else [], started)
+        if streaming:
+            return Stream(_ndjson(run, model, piece), media_type=NDJSON)
+        result = await run.result()
+        if run.error:
+            raise EngineFailure(run.error)
+        return Response({**piece(result.texts[0]), **_final(model, run, result.finished[0])})
 
     @post("/embed", status_code=200)
     async def embed(
-        self, registry: NamedDependency[Registry], data: JSONBody[EmbedBody]
+        self, rt: NamedDependency[Runtime], data: JSONBody[EmbedBody]
     ) -> dict[str, Any]:
         texts = [data.input] if isinstance(data.input, str) else data.input
-        vectors, n = await self._embed(registry, data.model, texts, data.keep_alive)
+        _, vectors, n = await rt.service.embed(
+            data.model,
+            texts,
+            keep_alive=keep_alive_value(data.keep_alive),
+            label="ollama",
+            path="/api/embed",
+        )
         return {"model": data.model, "embeddings": vectors, "prompt_eval_count": n}
 
     @post("/embeddings", status_code=200)
     async def embeddings(
-        self, registry: NamedDependency[Registry], data: JSONBody[EmbeddingsBody]
+        self, rt: NamedDependency[Runtime], data: JSONBody[EmbeddingsBody]
     ) -> dict[str, Any]:
-        vectors, _ = await self._embed(registry, data.model, [data.prompt], data.keep_alive)
+        _, vectors, _ = await rt.service.embed(
+            data.model,
+            [data.prompt],
+            keep_alive=keep_alive_value(data.keep_alive),
+            label="ollama",
+            path="/api/embeddings",
+        )
         return {"embedding": vectors[0]}
 
-    async def _embed(
-        self, registry: Registry, model: str, texts: list[str], keep_alive: Any
-    ) -> tuple[list[list[float]], int]:
-        if not texts:
-            raise InvalidRequest("input is empty", param="input")
-        ka = keep_alive_value(keep_alive)
-        lm = await asyncio.to_thread(registry.acquire, model)
-        try:
-            vectors, n = await asyncio.to_thread(lm.engine.embed, texts)
-        finally:
-            registry.release(lm, ka)
-        return vectors, n
+    @delete("/delete", status_code=200, opt={"scope": "admin"})
+    async def delete_(self, rt: NamedDependency[Runtime], data: JSONBody[ModelBody]) -> None:
+        await asyncio.to_thread(rt.remove, data.which)
 
-    @delete("/delete", status_code=200)
-    async def delete_(self, registry: NamedDependency[Registry], data: JSONBody[ModelBody]) -> None:
-        await asyncio.to_thread(registry.remove, data.which)
-
-    @post("/pull", status_code=200)
-    async def pull(self, registry: NamedDependency[Registry], data: JSONBody[PullBody]) -> Any:
+    @post("/pull", status_code=200, opt={"scope": "admin"})
+    async def pull(self, rt: NamedDependency[Runtime], data: JSONBody[PullBody]) -> Response[Any]:
         name = data.model or data.name or ""
         repo, _, quant = name.removeprefix("hf.co/").removeprefix("huggingface.co/").partition(":")
         if not name.startswith(("hf.co/", "huggingface.co/")) or repo.count("/") != 1:
@@ -430,50 +398,52 @@ class OllamaController(Controller):
                 f"lmx pulls GGUF repositories from the Hugging Face hub: use "
                 f"hf.co/ORG/REPO[:QUANT], not {name!r}"
             )
-        jobs = await asyncio.to_thread(registry.pull, repo, quant or None, None)
+        jobs = await asyncio.to_thread(rt.pull, repo, quant or None, None)
         if not data.stream:
             for j in jobs:
-                await asyncio.to_thread(registry.downloads.wait, j.id)
+                await asyncio.to_thread(rt.downloads.wait, j.id)
             failed = [j for j in jobs if j.state != "done"]
             if failed:
                 raise EngineFailure(failed[0].error or f"download {failed[0].state}")
-            return {"status": "success"}
-        return Stream(self._pull_progress(registry, jobs), media_type=NDJSON)
-
-    async def _pull_progress(self, registry: Registry, jobs: list[Any]) -> AsyncIterator[bytes]:
-        def line(obj: dict[str, Any]) -> bytes:
-            return msgspec.json.encode(obj) + b"\n"
-
-        yield line({"status": "pulling manifest"})
-        while any(j.state in ("queued", "running") for j in jobs):
-            for j in jobs:
-                yield line(
-                    {
-                        "status": f"pulling {j.sha256[:12]}",
-                        "digest": f"sha256:{j.sha256}",
-                        "total": j.size,
-                        "completed": j.done,
-                    }
-                )
-            await asyncio.sleep(0.5)
-        bad = [j for j in jobs if j.state != "done"]
-        if bad:
-            yield line({"error": bad[0].error or f"download {bad[0].state}"})
-            return
-        yield line({"status": "verifying sha256 digest"})
-        yield line({"status": "success"})
+            return Response({"status": "success"})
+        return Stream(_pull_progress(rt, jobs), media_type=NDJSON)
 
 
-class PullBody(msgspec.Struct, kw_only=True):
-    model: str | None = None
-    name: str | None = None
-    stream: bool = True
-    insecure: bool = False
+async def _ndjson(run: Run, model: str, piece: Any) -> AsyncIterator[bytes]:
+    try:
+        async for ev in run.events():
+            if isinstance(ev, Delta):
+                yield msgspec.json.encode(piece(ev.text)) + b"\n"
+            elif isinstance(ev, Done):
+                if ev.finished.reason == "error":
+                    yield msgspec.json.encode({"error": ev.finished.error}) + b"\n"
+                    return
+                final = {**piece(""), **_final(model, run, ev.finished)}
+                yield msgspec.json.encode(final) + b"\n"
+    finally:
+        await run.aclose()
 
 
-class NotSupported(LmxError):
-    """A known endpoint whose capability has not landed yet."""
+async def _pull_progress(rt: Runtime, jobs: list[Any]) -> AsyncIterator[bytes]:
+    def line(obj: dict[str, Any]) -> bytes:
+        return msgspec.json.encode(obj) + b"\n"
 
-    status = 501
-    type = "server_error"
-    code = "not_implemented"
+    yield line({"status": "pulling manifest"})
+    while any(j.state in ("queued", "running") for j in jobs):
+        for j in jobs:
+            yield line(
+                {
+                    "status": f"pulling {j.sha256[:12]}",
+                    "digest": f"sha256:{j.sha256}",
+                    "total": j.size,
+                    "completed": j.done,
+                }
+            )
+        active = next(j for j in jobs if j.state in ("queued", "running"))
+        await asyncio.to_thread(rt.downloads.wait, active.id, 0.5)
+    bad = [j for j in jobs if j.state != "done"]
+    if bad:
+        yield line({"error": bad[0].error or f"download {bad[0].state}"})
+        return
+    yield line({"status": "verifying sha256 digest"})
+    yield line({"status": "success"})

@@ -1,8 +1,12 @@
-"""The OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings."""
+"""The OpenAI dialect: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
+
+Requests in (OpenAI fields to a `GenerateRequest`), events out (SSE chunks or one response),
+errors out (OpenAI error objects, by this router's exception handlers). The request itself
+runs in `server.pipeline`.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import struct
 import time
@@ -11,11 +15,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from litestar import Controller, get, post
+from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
-from litestar.response import Stream
+from litestar.response import ServerSentEvent
 
+from server.api.errors import OPENAI_ERRORS
 from server.api.schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -25,27 +30,36 @@ from server.api.schemas import (
     SamplingFields,
 )
 from server.discovery import ModelInfo
-from server.engines import Engine
-from server.engines.base import Finished, GenerationRequest, SamplingParams, TokenText, stream
-from server.errors import ContextOverflow, EngineFailure, InvalidRequest
-from server.grammar import json_grammar
-from server.registry import LoadedModel, Registry
-from server.settings import PresetConfig, parse_duration
-from server.telemetry import RequestRecord
+from server.engines.base import Finished
+from server.errors import EngineFailure, InvalidRequest
+from server.pipeline import Delta, Done, GenerateRequest, Run, Sampling
+from server.runtime import Runtime
+from server.settings import parse_duration
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def model_card(info: ModelInfo, registry: Registry) -> dict[str, Any]:
-    lm = registry.get_loaded(info.id)
+def model_card(info: ModelInfo, rt: Runtime) -> dict[str, Any]:
     return {
         "id": info.id,
         "object": "model",
         "created": int(info.path.stat().st_mtime) if info.path.exists() else 0,
         "owned_by": "lmx",
-        "lmx": {**info.describe(), "state": lm.state if lm else "available"},
+        "lmx": {**info.describe(), "state": rt.scheduler.state_of(info.id)},
     }
 
 
-def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+def keep_alive_value(value: str | int | float | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise InvalidRequest(str(e), param="keep_alive") from e
+
+
+def messages_of(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages as the pipeline's plain dicts (text parts joined)."""
     out = []
     for i, m in enumerate(messages):
         content = m.content
@@ -72,47 +86,8 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def keep_alive_value(value: str | int | float | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return parse_duration(value)
-    except ValueError as e:
-        raise InvalidRequest(str(e), param="keep_alive") from e
-
-
-PRESET_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens", "stop")
-
-
-def with_preset(registry: Registry, body: Any) -> tuple[Any, PresetConfig | None]:
-    """A request to a preset's id: its base model, and its defaults where the request is silent."""
-    p = registry.preset(body.model)
-    if p is None:
-        return body, None
-    changes: dict[str, Any] = {"model": p.model}
-    for f in PRESET_FIELDS:
-        if getattr(body, f) is None and getattr(p, f) is not None:
-            changes[f] = getattr(p, f)
-    return msgspec.structs.replace(body, **changes), p
-
-
-def _grammar(rf: ResponseFormat | None) -> str | None:
-    if rf is None or rf.type == "text":
-        return None
-    if rf.type == "json_object":
-        return json_grammar(rf.schema)
-    if rf.json_schema is None or rf.json_schema.schema is None:
-        raise InvalidRequest(
-            "response_format json_schema needs json_schema.schema.", param="response_format"
-        )
-    return json_grammar(rf.json_schema.schema)
-
-
-def _sampling(body: SamplingFields, index: int) -> SamplingParams:
-    seed = body.seed
-    if seed is not None and index:
-        seed += index  # n choices with one seed must still differ, reproducibly
-    return SamplingParams.merged(
+def sampling_of(body: SamplingFields) -> Sampling:
+    return Sampling(
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,
@@ -120,132 +95,78 @@ def _sampling(body: SamplingFields, index: int) -> SamplingParams:
         repeat_penalty=body.repeat_penalty,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
-        seed=seed,
+        seed=body.seed,
     )
 
 
-def _requests(
-    engine: Engine,
-    body: SamplingFields,
-    prompts: list[list[int]],
-    max_tokens: int | None,
-    grammar: str | None,
-) -> list[GenerationRequest]:
+def _format(rf: ResponseFormat | None) -> tuple[bool, dict[str, Any] | None]:
+    if rf is None or rf.type == "text":
+        return False, None
+    if rf.type == "json_object":
+        return True, rf.schema
+    if rf.json_schema is None or rf.json_schema.schema is None:
+        raise InvalidRequest(
+            "response_format json_schema needs json_schema.schema.", param="response_format"
+        )
+    return True, rf.json_schema.schema
+
+
+def _common(body: SamplingFields, path: str) -> dict[str, Any]:
     if body.logprobs:
         raise InvalidRequest("logprobs are not supported.", param="logprobs")
-    limit = engine.context_length
     try:
         bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
     except ValueError as e:
         raise InvalidRequest("logit_bias keys must be token ids.", param="logit_bias") from e
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    stop = [s for s in stop if s]
-    out = []
-    for prompt in prompts:
-        if len(prompt) >= limit:
-            raise ContextOverflow(len(prompt), limit)
-        room = limit - len(prompt)
-        for i in range(body.n):
-            out.append(
-                GenerationRequest(
-                    prompt_tokens=prompt,
-                    max_tokens=min(max_tokens or room, room),
-                    sampling=_sampling(body, i),
-                    stop=stop,
-                    grammar=grammar,
-                    logit_bias=bias,
-                    ignore_eos=body.ignore_eos,
-                    label="api",
-                )
-            )
-    return out
-
-
-def _usage(finished: list[Finished], n_prompts_counted: int) -> dict[str, Any]:
-    # The prompt is counted once per distinct prompt, as OpenAI does for n > 1.
-    prompt = sum(f.prompt_tokens for f in finished[:: max(1, n_prompts_counted)])
-    completion = sum(f.completion_tokens for f in finished)
-    cached = sum(f.cached_tokens for f in finished[:: max(1, n_prompts_counted)])
     return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
+        "sampling": sampling_of(body),
+        "stop": stop,
+        "n": body.n,
+        "logit_bias": bias,
+        "ignore_eos": body.ignore_eos,
+        "keep_alive": keep_alive_value(body.keep_alive),
+        "label": "openai",
+        "path": path,
     }
 
 
-def _timings(finished: list[Finished]) -> list[dict[str, Any]]:
-    return [f.timings.as_dict() for f in finished if f.timings]
+def usage_of(run: Run) -> dict[str, Any]:
+    u = run.usage()
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
 
 
-def _check_errors(finished: list[Finished]) -> None:
-    for f in finished:
-        if f.reason == "error":
-            raise EngineFailure(f.error or "generation failed")
+def timings_of(finished: list[Finished | None]) -> list[dict[str, Any]]:
+    return [f.timings.as_dict() for f in finished if f is not None and f.timings]
 
 
-def log_request(
-    registry: Registry,
-    path: str,
-    model: str | None,
-    status: int,
-    finished: list[Finished],
-    started: float,
-) -> None:
-    """Record a finished request for the TUI's requests pane and for metrics."""
-    ttfts = [f.timings.ttft_ms for f in finished if f.timings]
-    registry.requests.record(
-        RequestRecord(
-            at=time.time(),
-            method="POST",
-            path=path,
-            model=model,
-            status=status,
-            prompt_tokens=sum(f.prompt_tokens for f in finished[:1]),
-            completion_tokens=sum(f.completion_tokens for f in finished),
-            cached_tokens=sum(f.cached_tokens for f in finished[:1]),
-            latency_ms=(time.perf_counter() - started) * 1000,
-            ttft_ms=min(ttfts) if ttfts else None,
-        )
-    )
-
-
-class _Lease:
-    """A request's hold on its model: released when the response (or its stream) ends."""
-
-    def __init__(self, registry: Registry, lm: LoadedModel, keep_alive: float | None) -> None:
-        self.registry, self.lm, self.keep_alive = registry, lm, keep_alive
-        self.streaming = False
-        self.released = False
-
-    def hand_to_stream(self) -> _Lease:
-        self.streaming = True
-        return self
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.registry.release(self.lm, self.keep_alive)
-
-    def release_unless_streaming(self) -> None:
-        if not self.streaming:
-            self.release()
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+def _error_chunk(message: str) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": "server_error",
+            "param": None,
+            "code": "engine_failure",
+        }
+    }
 
 
 class OpenAIController(Controller):
-    """OpenAI's wire format, over the shared registry."""
+    """OpenAI's wire format over the generation pipeline."""
 
     path = "/v1"
     tags = ["openai"]  # noqa: RUF012
+    exception_handlers = OPENAI_ERRORS
 
     @get("/models")
-    async def list_models(self, registry: NamedDependency[Registry]) -> dict[str, Any]:
-        data = [model_card(m, registry) for m in registry.models() if m.usable]
-        for name, p in sorted(registry.settings.presets.items()):
+    async def list_models(self, rt: NamedDependency[Runtime]) -> dict[str, Any]:
+        data = [model_card(m, rt) for m in rt.catalog.models() if m.usable]
+        for name, p in sorted(rt.settings.presets.items()):
             data.append(
                 {
                     "id": name,
@@ -259,211 +180,125 @@ class OpenAIController(Controller):
 
     @get("/models/{model_id:path}")
     async def get_model(
-        self, registry: NamedDependency[Registry], model_id: FromPath[str]
+        self, rt: NamedDependency[Runtime], model_id: FromPath[str]
     ) -> dict[str, Any]:
-        return model_card(registry.resolve(model_id.lstrip("/")), registry)
+        return model_card(rt.catalog.resolve(model_id.lstrip("/")), rt)
 
     @post("/chat/completions", status_code=200)
     async def chat_completions(
-        self, registry: NamedDependency[Registry], data: JSONBody[ChatCompletionRequest]
-    ) -> Any:
-        started = time.perf_counter()
+        self, rt: NamedDependency[Runtime], data: JSONBody[ChatCompletionRequest]
+    ) -> Response[Any]:
         if data.tools:
             raise InvalidRequest("Tool calling is not supported yet.", param="tools")
-        data, preset = with_preset(registry, data)
-        messages = _messages(data.messages)
-        if preset and preset.system and not any(m["role"] == "system" for m in messages):
-            messages.insert(0, {"role": "system", "content": preset.system})
-        grammar = _grammar(data.response_format)
-        ka = keep_alive_value(data.keep_alive)
-        lm = await asyncio.to_thread(registry.acquire, data.model)
-        lease = _Lease(registry, lm, ka)
-        try:
-            return await self._chat(registry, data, lm, lease, messages, grammar, started)
-        finally:
-            lease.release_unless_streaming()
-
-    async def _chat(
-        self,
-        registry: Registry,
-        data: ChatCompletionRequest,
-        lm: LoadedModel,
-        lease: _Lease,
-        messages: list[dict[str, Any]],
-        grammar: str | None,
-        started: float,
-    ) -> Any:
-        engine = lm.engine
-        prompt = await asyncio.to_thread(engine.format_chat, messages)
-        reqs = _requests(
-            engine, data, [prompt], data.max_completion_tokens or data.max_tokens, grammar
+        json_mode, schema = _format(data.response_format)
+        req = GenerateRequest(
+            model=data.model,
+            messages=messages_of(data.messages),
+            max_tokens=data.max_completion_tokens or data.max_tokens,
+            json_mode=json_mode,
+            json_schema=schema,
+            **_common(data, "/v1/chat/completions"),
         )
-        cid = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        log = (registry, "/v1/chat/completions", lm.info.id)
+        run = await rt.service.start(req)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            head = [
-                {
-                    "index": i,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-                for i in range(len(reqs))
-            ]
-            return Stream(
-                _sse_stream(
-                    engine,
-                    reqs,
-                    head=head,
-                    choice=_chat_choice,
-                    obj="chat.completion.chunk",
-                    cid=cid,
-                    created=created,
-                    model=lm.info.id,
-                    include_usage=include_usage,
-                    n=data.n,
-                    log=log,
-                    started=started,
-                    lease=lease.hand_to_stream(),
-                ),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            return ServerSentEvent(
+                _chat_stream(run, cid, created, include_usage), headers=SSE_HEADERS
             )
-        texts, finished = await _gather(engine, reqs)
-        log_request(*log, 200, finished, started)
-        return {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": lm.info.id,
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": texts[i]},
-                    "logprobs": None,
-                    "finish_reason": finished[i].reason,
-                }
-                for i in range(len(reqs))
-            ],
-            "usage": _usage(finished, data.n),
-            "timings": _timings(finished),
-        }
+        result = await run.result()
+        if run.error:
+            raise EngineFailure(run.error)
+        return Response(
+            {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": run.model_id,
+                "choices": [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": result.texts[i]},
+                        "logprobs": None,
+                        "finish_reason": result.finished[i].reason,
+                    }
+                    for i in range(run.choices)
+                ],
+                "usage": usage_of(run),
+                "timings": timings_of(list(run.finished)),
+            }
+        )
 
     @post("/completions", status_code=200)
     async def completions(
-        self, registry: NamedDependency[Registry], data: JSONBody[CompletionRequest]
-    ) -> Any:
-        started = time.perf_counter()
-        data, _ = with_preset(registry, data)
-        prompts_text = [data.prompt] if isinstance(data.prompt, str) else data.prompt
-        if not all(isinstance(p, str) for p in prompts_text):
+        self, rt: NamedDependency[Runtime], data: JSONBody[CompletionRequest]
+    ) -> Response[Any]:
+        prompts = [data.prompt] if isinstance(data.prompt, str) else data.prompt
+        if not all(isinstance(p, str) for p in prompts):
             raise InvalidRequest("prompt must be a string or a list of strings.", param="prompt")
-        grammar = _grammar(data.response_format)
-        ka = keep_alive_value(data.keep_alive)
-        lm = await asyncio.to_thread(registry.acquire, data.model)
-        lease = _Lease(registry, lm, ka)
-        try:
-            return await self._complete(registry, data, lm, lease, prompts_text, grammar, started)
-        finally:
-            lease.release_unless_streaming()
-
-    async def _complete(
-        self,
-        registry: Registry,
-        data: CompletionRequest,
-        lm: LoadedModel,
-        lease: _Lease,
-        prompts_text: list[str],
-        grammar: str | None,
-        started: float,
-    ) -> Any:
-        engine = lm.engine
-        prompts = [engine.tokenize(p, add_special=True, special=False) for p in prompts_text]
-        if any(not p for p in prompts):
-            raise InvalidRequest("prompt is empty.", param="prompt")
-        reqs = _requests(engine, data, prompts, data.max_tokens, grammar)
-        cid = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        log = (registry, "/v1/completions", lm.info.id)
-        echo = [prompts_text[i // data.n] if data.echo else "" for i in range(len(reqs))]
+        json_mode, schema = _format(data.response_format)
+        req = GenerateRequest(
+            model=data.model,
+            prompts=list(prompts),
+            max_tokens=data.max_tokens,
+            json_mode=json_mode,
+            json_schema=schema,
+            **_common(data, "/v1/completions"),
+        )
+        run = await rt.service.start(req)
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echo = [prompts[i // data.n] if data.echo else "" for i in range(run.choices)]
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            head = [_text_choice(i, t, None) for i, t in enumerate(echo) if t]
-            return Stream(
-                _sse_stream(
-                    engine,
-                    reqs,
-                    head=head,
-                    choice=_text_choice,
-                    obj="text_completion",
-                    cid=cid,
-                    created=created,
-                    model=lm.info.id,
-                    include_usage=include_usage,
-                    n=data.n,
-                    log=log,
-                    started=started,
-                    lease=lease.hand_to_stream(),
-                ),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            return ServerSentEvent(
+                _text_stream(run, cid, created, include_usage, echo), headers=SSE_HEADERS
             )
-        texts, finished = await _gather(engine, reqs)
-        log_request(*log, 200, finished, started)
-        return {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": lm.info.id,
-            "choices": [
-                {
-                    "index": i,
-                    "text": echo[i] + texts[i],
-                    "logprobs": None,
-                    "finish_reason": finished[i].reason,
-                }
-                for i in range(len(reqs))
-            ],
-            "usage": _usage(finished, data.n),
-            "timings": _timings(finished),
-        }
+        result = await run.result()
+        if run.error:
+            raise EngineFailure(run.error)
+        return Response(
+            {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": run.model_id,
+                "choices": [
+                    {
+                        "index": i,
+                        "text": echo[i] + result.texts[i],
+                        "logprobs": None,
+                        "finish_reason": result.finished[i].reason,
+                    }
+                    for i in range(run.choices)
+                ],
+                "usage": usage_of(run),
+                "timings": timings_of(list(run.finished)),
+            }
+        )
 
     @post("/embeddings", status_code=200)
     async def embeddings(
-        self, registry: NamedDependency[Registry], data: JSONBody[EmbeddingRequest]
+        self, rt: NamedDependency[Runtime], data: JSONBody[EmbeddingRequest]
     ) -> dict[str, Any]:
-        started = time.perf_counter()
         texts = [data.input] if isinstance(data.input, str) else data.input
         if not all(isinstance(t, str) for t in texts):
             raise InvalidRequest(
                 "input must be a string or a list of strings (token arrays are not supported).",
                 param="input",
             )
-        ka = keep_alive_value(data.keep_alive)
-        lm = await asyncio.to_thread(registry.acquire, data.model)
-        try:
-            vectors, n_tokens = await asyncio.to_thread(lm.engine.embed, texts)
-        finally:
-            registry.release(lm, ka)
+        model, vectors, n_tokens = await rt.service.embed(
+            data.model,
+            list(texts),
+            keep_alive=keep_alive_value(data.keep_alive),
+            label="openai",
+            path="/v1/embeddings",
+        )
         if data.dimensions is not None and data.dimensions != len(vectors[0]):
             raise InvalidRequest(
                 f"This model's embeddings have {len(vectors[0])} dimensions; it cannot return "
                 f"{data.dimensions}.",
                 param="dimensions",
             )
-        registry.requests.record(
-            RequestRecord(
-                at=time.time(),
-                method="POST",
-                path="/v1/embeddings",
-                model=lm.info.id,
-                status=200,
-                prompt_tokens=n_tokens,
-                latency_ms=(time.perf_counter() - started) * 1000,
-            )
-        )
         items = []
         for i, vec in enumerate(vectors):
             emb: Any = vec
@@ -473,24 +308,13 @@ class OpenAIController(Controller):
         return {
             "object": "list",
             "data": items,
-            "model": lm.info.id,
+            "model": model,
             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
         }
 
 
-async def _gather(
-    engine: Engine, reqs: list[GenerationRequest]
-) -> tuple[list[str], list[Finished]]:
-    texts: list[list[str]] = [[] for _ in reqs]
-    finished: list[Finished | None] = [None] * len(reqs)
-    async for i, ev in stream(engine, reqs):
-        if isinstance(ev, TokenText):
-            texts[i].append(ev.text)
-        else:
-            finished[i] = ev
-    done = [f for f in finished if f is not None]
-    _check_errors(done)
-    return ["".join(t) for t in texts], done
+def _encode(obj: Any) -> str:
+    return msgspec.json.encode(obj).decode()
 
 
 def _chunk(
@@ -508,83 +332,80 @@ def _chunk(
     return chunk
 
 
-def _chat_choice(i: int, text: str | None, reason: str | None) -> dict[str, Any]:
-    delta = {} if text is None else {"content": text}
-    return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+async def _chat_stream(run: Run, cid: str, created: int, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's chat chunks: a role chunk per choice, content deltas, finish chunks, usage."""
 
+    def chunk(choice: dict[str, Any]) -> str:
+        return _encode(
+            _chunk(cid, created, run.model_id, "chat.completion.chunk", [choice], include_usage)
+        )
 
-def _text_choice(i: int, text: str | None, reason: str | None) -> dict[str, Any]:
-    return {"index": i, "text": text or "", "logprobs": None, "finish_reason": reason}
-
-
-async def _sse_stream(
-    engine: Engine,
-    reqs: list[GenerationRequest],
-    *,
-    head: list[dict[str, Any]],
-    choice: Any,
-    obj: str,
-    cid: str,
-    created: int,
-    model: str,
-    include_usage: bool,
-    n: int,
-    log: tuple[Registry, str, str],
-    started: float,
-    lease: _Lease,
-) -> AsyncIterator[bytes]:
-    """OpenAI's SSE framing: head chunks, one chunk per piece, finish chunks, usage, [DONE]."""
-    finished: list[Finished | None] = [None] * len(reqs)
-    status = 499  # until the stream ends, the client may still go away
     try:
-        async for chunk in _sse_chunks(
-            engine, reqs, head, choice, obj, cid, created, model, include_usage, n, finished
-        ):
-            yield chunk
-        status = 503 if any(f and f.reason == "error" for f in finished) else 200
-    finally:
-        lease.release()
-        log_request(*log, status, [f for f in finished if f is not None], started)
-
-
-async def _sse_chunks(
-    engine: Engine,
-    reqs: list[GenerationRequest],
-    head: list[dict[str, Any]],
-    choice: Any,
-    obj: str,
-    cid: str,
-    created: int,
-    model: str,
-    include_usage: bool,
-    n: int,
-    finished: list[Finished | None],
-) -> AsyncIterator[bytes]:
-    for c in head:
-        yield _sse(_chunk(cid, created, model, obj, [c], include_usage))
-    async for i, ev in stream(engine, reqs):
-        if isinstance(ev, TokenText):
-            c = choice(i, ev.text, None)
-        elif ev.reason == "error":
-            yield _sse(
+        for i in range(run.choices):
+            yield chunk(
                 {
-                    "error": {
-                        "message": ev.error,
-                        "type": "server_error",
-                        "param": None,
-                        "code": "engine_failure",
-                    }
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
                 }
             )
-            return
-        else:
-            finished[i] = ev
-            c = choice(i, None, ev.reason)
-        yield _sse(_chunk(cid, created, model, obj, [c], include_usage))
-    if include_usage:
-        done = [f for f in finished if f is not None]
-        final = _chunk(cid, created, model, obj, [], False)
-        final["usage"] = _usage(done, n)
-        final["timings"] = _timings(done)
-        yield _sse(final)
-    yield b"data: [DONE]\n\n"
+        async for ev in run.events():
+            if isinstance(ev, Delta):
+                delta: dict[str, Any] = {"content": ev.text}
+                yield chunk(
+                    {"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": None}
+                )
+            elif isinstance(ev, Done):
+                if ev.finished.reason == "error":
+                    yield _encode(_error_chunk(ev.finished.error or "generation failed"))
+                    return
+                yield chunk(
+                    {
+                        "index": ev.index,
+                        "delta": {},
+                        "logprobs": None,
+                        "finish_reason": ev.finished.reason,
+                    }
+                )
+        if include_usage:
+            final = _chunk(cid, created, run.model_id, "chat.completion.chunk", [], False)
+            final["usage"] = usage_of(run)
+            final["timings"] = timings_of(list(run.finished))
+            yield _encode(final)
+        yield "[DONE]"
+    finally:
+        await run.aclose()
+
+
+async def _text_stream(
+    run: Run, cid: str, created: int, include_usage: bool, echo: list[str]
+) -> AsyncIterator[str]:
+    """OpenAI's text-completion chunks."""
+
+    def chunk(i: int, text: str, reason: str | None) -> str:
+        choice = {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+        return _encode(
+            _chunk(cid, created, run.model_id, "text_completion", [choice], include_usage)
+        )
+
+    try:
+        for i, t in enumerate(echo):
+            if t:
+                yield chunk(i, t, None)
+        async for ev in run.events():
+            if isinstance(ev, Delta):
+                yield chunk(ev.index, ev.text, None)
+            elif isinstance(ev, Done):
+                if ev.finished.reason == "error":
+                    yield _encode(_error_chunk(ev.finished.error or "generation failed"))
+                    return
+                yield chunk(ev.index, "", ev.finished.reason)
+        if include_usage:
+            final = _chunk(cid, created, run.model_id, "text_completion", [], False)
+            final["usage"] = usage_of(run)
+            final["timings"] = timings_of(list(run.finished))
+            yield _encode(final)
+        yield "[DONE]"
+    finally:
+        await run.aclose()

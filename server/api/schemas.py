@@ -7,9 +7,24 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+# The same bounds as server.pipeline.SAMPLING_BOUNDS, stated here for the OpenAPI schema.
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopK = Annotated[int, Meta(ge=0)]
+RepeatPenalty = Annotated[float, Meta(gt=0.0, le=10.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
+NonEmpty = Annotated[str, Meta(min_length=1)]
+# Ollama-style durations as server.settings.parse_duration reads them: 10m, 1h30m, 45s, -1.
+# Every part but the last has its unit, so the text splits one way only, as the parser reads it.
+_NUMBER = r"-?[0-9]+(\.[0-9]+)?"
+Duration = (
+    Annotated[str, Meta(pattern=rf"^({_NUMBER}(ms|s|m|h))*{_NUMBER}(ms|s|m|h)?$")]
+    | int
+    | float
+    | None
+)
+TokenId = Annotated[str, Meta(pattern=r"^-?[0-9]{1,9}$")]  # logit_bias keys
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
@@ -43,11 +58,11 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     """Fields shared by chat and text completions."""
 
     max_tokens: PositiveInt | None = None
-    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    temperature: Temperature | None = None
     top_p: Probability | None = None
-    top_k: Annotated[int, Meta(ge=0)] | None = None
+    top_k: TopK | None = None
     min_p: Probability | None = None
-    repeat_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
+    repeat_penalty: RepeatPenalty | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     seed: int | None = None
@@ -56,9 +71,9 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     n: Annotated[int, Meta(ge=1, le=16)] = 1
     logprobs: bool | None = None
-    logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
+    logit_bias: dict[TokenId, Annotated[float, Meta(ge=-100, le=100)]] | None = None
     ignore_eos: bool = False  # lmx/llama.cpp extension: always generate max_tokens
-    keep_alive: str | int | float | None = None  # lmx extension: as Ollama's keep_alive
+    keep_alive: Duration = None  # lmx extension: as Ollama's keep_alive
     user: str | None = None
 
 
@@ -77,7 +92,7 @@ class CompletionRequest(SamplingFields, kw_only=True):
     """POST /v1/completions."""
 
     model: str
-    prompt: str | Annotated[list[str], Meta(min_length=1)]
+    prompt: NonEmpty | Annotated[list[NonEmpty], Meta(min_length=1)]
     echo: bool = False
     response_format: ResponseFormat | None = None
 
@@ -86,8 +101,22 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     """POST /v1/embeddings: one input string or a list of them."""
 
     model: str
-    input: str | Annotated[list[Any], Meta(min_length=1)]
+    input: NonEmpty | Annotated[list[NonEmpty], Meta(min_length=1)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None
-    keep_alive: str | int | float | None = None
+    keep_alive: Duration = None
     user: str | None = None
+
+
+def state_constraints(openapi: Any, bodies: list[type]) -> None:
+    """Put msgspec's own JSON Schema of each request body into the OpenAPI document.
+
+    Litestar's generator drops some constraints msgspec enforces (a minimum of 0, anything
+    inside a union), so a schema fuzzer would send values that are then refused; msgspec's
+    schema states exactly what its decoder accepts."""
+    _, components = msgspec.json.schema_components(
+        bodies, ref_template="#/components/schemas/{name}"
+    )
+    schemas = openapi.components.schemas
+    for name, component in components.items():
+        schemas[name] = component  # plain dicts are written out as they are

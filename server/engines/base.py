@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from server.chat_template import ChatTemplate
     from server.discovery import ModelInfo
 
 
@@ -153,15 +154,28 @@ class Engine(Protocol):
     @property
     def context_length(self) -> int: ...
 
+    # The model's Jinja chat template (None: it has none, or is not a local model); what
+    # `server.toolcalls.plan_tool_calls` reads to choose how to ask for tool calls.
+    chat_template: ChatTemplate | None
+
     def render_chat(
-        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> str:
         """The prompt text the model's chat template makes of `messages` (and `tools`, in
-        OpenAI's `{"type": "function", "function": {...}}` shape, for templates that take them)."""
+        OpenAI's `{"type": "function", "function": {...}}` shape, for templates that take them).
+        `template_kwargs` become template variables (`enable_thinking`, ...)."""
         ...
 
     def format_chat(
-        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """`render_chat`, tokenized as the model expects (BOS handled)."""
         ...

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from server.chat_template import ChatTemplate
 from server.discovery import ModelInfo
 from server.engines.base import (
     EngineOptions,
@@ -184,7 +184,7 @@ class LlamaCppEngine:
         self._slots = [_Slot(seq=i) for i in range(opts.parallel)]
         self._piece_buf = ctypes.create_string_buffer(256)
         template = opts.chat_template or self.info.chat_template
-        self._formatter = self._make_formatter(template) if template else None
+        self.chat_template = self._make_template(template) if template else None
         self._builtin = BUILTIN_TEMPLATES.get(self.info.architecture or "", "chatml")
         self._bos_text = self._token_text(llama_cpp.llama_vocab_bos(self._vocab))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
@@ -194,10 +194,10 @@ class LlamaCppEngine:
         )
         self._thread.start()
 
-    def _make_formatter(self, template: str) -> Jinja2ChatFormatter:
+    def _make_template(self, template: str) -> ChatTemplate:
         eos = self._token_text(llama_cpp.llama_vocab_eos(self._vocab))
         bos = self._token_text(llama_cpp.llama_vocab_bos(self._vocab))
-        return Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
+        return ChatTemplate(template, eos_token=eos, bos_token=bos, name=self.info.id)
 
     def _apply_builtin(self, messages: list[dict[str, Any]]) -> str:
         msgs = (llama_cpp.llama_chat_message * len(messages))()
@@ -255,21 +255,25 @@ class LlamaCppEngine:
         return b"".join(self._piece(t) for t in tokens).decode("utf-8", "replace")
 
     def render_chat(
-        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> str:
-        if self._formatter is None:
+        if self.chat_template is None:
             return self._apply_builtin(messages)
-        try:
-            return self._formatter(messages=messages, tools=tools).prompt  # type: ignore[arg-type]
-        except Exception as e:  # template errors (raise_exception, jinja) are the caller's
-            raise InvalidRequest(
-                f"The chat template rejected the messages: {e}", param="messages"
-            ) from e
+        # Sandboxed and bounded in time and size; raises InvalidRequest or ChatTemplateBroken.
+        return self.chat_template.render(messages, tools=tools, **(template_kwargs or {}))
 
     def format_chat(
-        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
-        prompt = self.render_chat(messages, tools=tools)
+        prompt = self.render_chat(messages, tools=tools, template_kwargs=template_kwargs)
         # Templates that write the BOS text themselves must not get a second one.
         add_special = not (self._bos_text and prompt.startswith(self._bos_text))
         return self.tokenize(prompt, add_special=add_special, special=True)

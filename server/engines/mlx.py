@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from server.chat_template import ChatTemplate
 from server.discovery import ModelInfo
 from server.engines.base import (
     EngineOptions,
@@ -134,6 +135,10 @@ class MlxEngine:
         self.last_timings: Timings | None = None
         self.failure: str | None = None
         self.on_failure: Callable[[str], None] | None = None
+        # The model's Jinja template (None: it has none; then mlx-lm's own renderer or ChatML).
+        self.chat_template: ChatTemplate | None = None
+        self._fallback: ChatTemplate | None = None
+        self._renderer: Any = None
         self.supports_grammar = grammar_supported()
 
     # ----- loading -------------------------------------------------------------------------
@@ -179,14 +184,22 @@ class MlxEngine:
         n_train = self.info.context_length or 0
         opts = self.options
         self.n_ctx_slot = max(64, min(opts.n_ctx, n_train) if n_train > 0 else opts.n_ctx)
-        self._template = opts.chat_template or hf.chat_template or self.info.chat_template
-        # A few models have no Jinja template but a renderer in mlx-lm (chat_template_type).
-        self._renderer = (
-            tokenizer if self._template is None and tokenizer.has_chat_template else None
-        )
-        if self._template is None and self._renderer is None:
-            self._template = CHATML_TEMPLATE
         self._bos_text = hf.bos_token or ""
+        template = opts.chat_template or _default_template(hf.chat_template)
+        template = template or self.info.chat_template
+        if template:
+            self.chat_template = self._make_template(template)
+        elif tokenizer.has_chat_template:
+            # A few models have no Jinja template but a renderer in mlx-lm (chat_template_type).
+            self._renderer = tokenizer
+        else:
+            self._fallback = self._make_template(CHATML_TEMPLATE)
+
+    def _make_template(self, source: str) -> ChatTemplate:
+        hf = self._hf
+        return ChatTemplate(
+            source, bos_token=hf.bos_token or "", eos_token=hf.eos_token or "", name=self.info.id
+        )
 
     def _make_generator(self) -> Any:
         from mlx_lm.generate import BatchGenerator
@@ -236,31 +249,35 @@ class MlxEngine:
         )
 
     def render_chat(
-        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> str:
+        kwargs = template_kwargs or {}
+        template = self.chat_template or self._fallback
+        if template is not None:
+            # Sandboxed and bounded in time and size; raises InvalidRequest or ChatTemplateBroken.
+            return template.render(messages, tools=tools, **kwargs)
         try:
-            if self._renderer is not None:
-                out = self._renderer.apply_chat_template(
-                    messages, tools=tools, add_generation_prompt=True, tokenize=False
-                )
-            else:
-                out = self._hf.apply_chat_template(
-                    messages,
-                    tools=tools,
-                    chat_template=self._template,
-                    add_generation_prompt=True,
-                    tokenize=False,
-                )
-        except Exception as e:  # template errors (raise_exception, jinja) are the caller's
+            out = self._renderer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=True, tokenize=False, **kwargs
+            )
+        except Exception as e:  # a renderer's errors are the messages' (it is mlx-lm's code)
             raise InvalidRequest(
                 f"The chat template rejected the messages: {e}", param="messages"
             ) from e
         return str(out)
 
     def format_chat(
-        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
-        prompt = self.render_chat(messages, tools=tools)
+        prompt = self.render_chat(messages, tools=tools, template_kwargs=template_kwargs)
         # Templates that write the BOS text themselves must not get a second one.
         add_special = not (self._bos_text and prompt.startswith(self._bos_text))
         return self.tokenize(prompt, add_special=add_special, special=True)
@@ -699,6 +716,13 @@ class _GrammarMask:
             bits = np.pad(bits, (0, width - len(bits)))
         allowed = mx.array(bits.astype(np.bool_))
         return mx.where(allowed, logits, mx.array(float("-inf"), dtype=logits.dtype))
+
+
+def _default_template(template: Any) -> str | None:
+    """The tokenizer's template; of several named ones (a dict), the default."""
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()), None)
+    return template if isinstance(template, str) and template else None
 
 
 def _token_bytes_table(backend: Any, n: int) -> list[bytes]:

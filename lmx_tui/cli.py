@@ -1,0 +1,23 @@
+"""The `lmx` console script: server.cli with the terminal app plugged in (server/ never
+imports the app; the app hands itself to the CLI)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from server.cli import main as server_main
+from server.settings import ConfigStore
+
+
+def run_app(config: ConfigStore, serve: bool) -> None:
+    from lmx_tui.app import run_tui
+
+    run_tui(config, serve=serve)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    server_main(argv, run_app=run_app)
+
+
+if __name__ == "__main__":
+    main()

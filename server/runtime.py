@@ -1,0 +1,175 @@
+"""Everything a running lmx holds, wired together once: config, catalog, scheduler, the
+generation service, downloads, the request log and the event bus. The HTTP app, the TUI and
+the CLI all take a Runtime; each part can also be built alone (tests do)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from pathlib import Path
+
+from server.catalog import Catalog
+from server.downloads import Download, DownloadQueue
+from server.engines import EngineFactory, create_engine
+from server.errors import InvalidRequest
+from server.events import EventBus
+from server.keys import KeyStore
+from server.pipeline import GenerationService
+from server.scheduler import Clock, Scheduler
+from server.settings import ConfigError, ConfigStore, Settings, hf_cache_dir, state_dir
+from server.telemetry import RequestLog
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """The one in-process model registry the API server, the TUI and the CLI share."""
+
+    def __init__(
+        self,
+        config: ConfigStore | Settings,
+        *,
+        engine_factory: EngineFactory = create_engine,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config if isinstance(config, ConfigStore) else ConfigStore.fixed(config)
+        self.events = EventBus()
+        self.keys = KeyStore(self.config)  # a bad key file fails here, before anything loads
+        self.requests = RequestLog()
+        self.catalog = Catalog(self.config)
+        self.scheduler = Scheduler(
+            self.config, self.catalog, self.events, engine_factory=engine_factory, clock=clock
+        )
+        self.catalog.in_use = lambda model_id: self.scheduler.get(model_id) is not None
+        self.service = GenerationService(self.catalog, self.scheduler, self.requests)
+        self._downloads: DownloadQueue | None = None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+
+    @property
+    def settings(self) -> Settings:
+        return self.config.current
+
+    # ----- downloads ---------------------------------------------------------------------
+
+    @property
+    def downloads(self) -> DownloadQueue:
+        """The download queue (created on first use; it resumes what a restart interrupted)."""
+        with self._lock:
+            if self._downloads is None:
+                self._downloads = DownloadQueue(
+                    hf_cache_dir(self.settings),
+                    state_dir() / "downloads.json",
+                    concurrency=self.settings.download_concurrency,
+                    on_event=lambda kind, d: self.events.publish(
+                        f"download_{kind}", d.filename, **d.as_dict()
+                    ),
+                    on_installed=self._installed,
+                )
+                self._downloads.start()
+            return self._downloads
+
+    def _installed(self, d: Download) -> None:
+        self.catalog.refresh()  # verified and in place: a model before the job says done
+
+    def pull(self, repo: str, quant: str | None = None, file: str | None = None) -> list[Download]:
+        """Queue every file of the model `repo[:quant]` or `file` names (the recommended
+        quantization when neither is given)."""
+        from server import hub
+
+        listing = hub.listing(repo, self.scheduler.budget)
+        try:
+            choice = hub.pick(listing, quant, file)
+        except ValueError as e:
+            raise InvalidRequest(str(e), param="quant" if quant else "file") from e
+        missing = [f for f in choice.files if f not in choice.sha256]
+        if missing:
+            raise InvalidRequest(
+                f"the hub gives no sha256 for {missing[0]}; lmx only installs files it can verify",
+                param="file",
+            )
+        return [
+            self.downloads.add(repo, f, choice.sha256[f], choice.sizes[f], listing["commit"])
+            for f in choice.files
+        ]
+
+    def remove(self, name: str) -> Path:
+        """Delete a model lmx manages (the Hugging Face cache): its snapshot link and blob."""
+        info = self.catalog.resolve(name)
+        if info.source != "hf-cache":
+            raise InvalidRequest(
+                f"'{info.id}' is used in place from {info.source} ({info.path}); lmx only "
+                "removes models in the Hugging Face cache. Delete the file yourself.",
+                param="model",
+            )
+        self.scheduler.unload(info.id)
+        link = info.path
+        # A GGUF is one link into the blobs; an MLX model a snapshot folder of them.
+        links = [p for p in link.iterdir() if p.is_symlink()] if link.is_dir() else [link]
+        blobs = {p.resolve() for p in links}
+        for p in links:
+            p.unlink(missing_ok=True)
+        if link.is_dir():
+            with contextlib.suppress(OSError):  # files of its own or other models: it stays
+                link.rmdir()
+        repo_dir = link
+        while repo_dir.parent.name != "snapshots" and repo_dir != repo_dir.parent:
+            repo_dir = repo_dir.parent
+        blobs_dir = repo_dir.parent.parent / "blobs"
+        used = {p.resolve() for p in repo_dir.parent.parent.rglob("*") if p.is_symlink()}
+        for blob in blobs:
+            if blob.parent == blobs_dir and blob not in used:
+                blob.unlink(missing_ok=True)
+        self.catalog.refresh()
+        self.events.publish("removed", info.id, path=str(link))
+        return link
+
+    # ----- config --------------------------------------------------------------------------
+
+    def reload_config(self) -> bool:
+        """Re-read the config file; a bad file is logged (not raised) and the old one stays."""
+        try:
+            new, changed = self.config.reload()
+        except ConfigError as e:
+            log.error("config not reloaded, the old one stays: %s", e)
+            self.events.publish("config_error", "", error=str(e))
+            return False
+        if changed & {"model_dirs", "hf_cache", "user_stores"}:
+            self.catalog.refresh()
+        log.info("reloaded %s", new.config_path)
+        self.events.publish(
+            "config_reloaded", "", path=str(new.config_path), changed=sorted(changed)
+        )
+        return True
+
+    def watch_config(self, interval: float = 1.0) -> None:
+        """Reload the config file whenever it changes (a thread; stops with close())."""
+        path = self.config.path
+        if path is None:
+            return
+
+        def mtime() -> float:
+            try:
+                return path.stat().st_mtime
+            except OSError:
+                return 0.0
+
+        def loop() -> None:
+            seen = mtime()
+            while not self._closed.wait(interval):
+                now = mtime()
+                if now != seen:
+                    seen = now
+                    self.reload_config()
+
+        threading.Thread(target=loop, name="lmx-config-watch", daemon=True).start()
+
+    def close(self) -> None:
+        """Unload everything and stop background work."""
+        self._closed.set()
+        with self._lock:
+            downloads = self._downloads
+        if downloads is not None:
+            downloads.close()
+        self.scheduler.close()

@@ -1,0 +1,690 @@
+"""The scheduler: which models are loaded, who holds them, what must make room, when they go.
+
+One condition variable guards the loaded map. A request takes a `Lease` (loading the model
+first if needed); a leased model is never evicted. Loads are admitted one at a time against
+the memory budget (per device) and the loaded-model cap, evicting idle models least recently
+used first; a load that needs busy models gone waits on the condition (never a sleep loop)
+until `load_timeout`. keep_alive, dead engines and models whose settings changed are handled
+by `tick()`, which a background thread runs whenever the next deadline is due or something is
+released. The engine factory and the clock are injected, so the policy is tested with a fake
+engine on virtual time.
+
+Model states and the transitions allowed between them (as llama-swap's process states):
+
+    loading   -> ready | stopped       loaded, or the load failed
+    ready     -> busy | unloading      a lease taken; evicted, expired or unloaded
+    busy      -> ready | unloading     the last lease released; forced unload (admin, dead engine)
+    unloading -> stopped
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Protocol
+
+from server.catalog import Catalog
+from server.discovery import ModelInfo
+from server.engines import EngineFactory, create_engine
+from server.engines.base import Engine, EngineOptions
+from server.errors import EngineFailure, ModelsBusy, ModelTooLarge, ModelUnusable
+from server.events import EventBus
+from server.memory import (
+    MemoryEstimate,
+    baseline_rss,
+    default_budget,
+    estimate_by_format,
+    process_rss,
+)
+from server.settings import ConfigStore, Settings
+
+log = logging.getLogger(__name__)
+
+
+def estimate_model(info: ModelInfo, options: EngineOptions) -> MemoryEstimate:
+    """The memory estimate for a model (GGUF header, or an MLX directory's config and
+    safetensors headers), at these options."""
+    if info.header is None and info.mlx is None:
+        raise ModelUnusable(f"The model '{info.id}' has no readable header.", param="model")
+    return estimate_by_format(info, options.n_ctx, options.parallel)
+
+
+class ModelState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    BUSY = "busy"
+    UNLOADING = "unloading"
+    STOPPED = "stopped"
+
+
+TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
+    ModelState.LOADING: frozenset({ModelState.READY, ModelState.STOPPED}),
+    ModelState.READY: frozenset({ModelState.BUSY, ModelState.UNLOADING}),
+    ModelState.BUSY: frozenset({ModelState.READY, ModelState.UNLOADING}),
+    ModelState.UNLOADING: frozenset({ModelState.STOPPED}),
+    ModelState.STOPPED: frozenset(),
+}
+
+
+class InvalidTransition(RuntimeError):
+    """A state change the table above does not allow (a bug, never a user error)."""
+
+
+class Clock(Protocol):
+    """Time for the scheduler: `now` is monotonic seconds; `wait` blocks on `cond` (held)."""
+
+    def now(self) -> float: ...
+
+    def wait(self, cond: threading.Condition, timeout: float | None) -> None: ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wait(self, cond: threading.Condition, timeout: float | None) -> None:
+        cond.wait(timeout)
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """One model in the loaded map (from the start of its load to the end of its unload)."""
+
+    info: ModelInfo
+    options: EngineOptions
+    estimate: MemoryEstimate
+    engine: Engine | None = None
+    state: ModelState = ModelState.LOADING
+    admitted: bool = False  # counted against the budget (its load passed admission)
+    loaded_at: float = field(default_factory=time.time)
+    load_seconds: float = 0.0
+    measured: int = 0  # process memory growth across the load, bytes
+    leases: int = 0
+    last_used: float = 0.0  # clock time
+    expires_at: float | None = None  # clock time; None: kept until evicted or unloaded
+    stale: bool = False  # its settings changed: reload when idle
+    failure: str | None = None  # its engine died
+    clock: Clock = field(default_factory=SystemClock, repr=False)
+
+    @property
+    def in_use(self) -> int:
+        return self.leases
+
+    @property
+    def idle(self) -> bool:
+        if self.leases or self.engine is None:
+            return False
+        st = self.engine.stats()
+        return bool(st["slots_busy"] == 0 and st["queue_depth"] == 0)
+
+    def expires_in(self) -> float | None:
+        if self.expires_at is None:
+            return None
+        return max(0.0, self.expires_at - self.clock.now())
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Whether a model fits now, which idle models would be evicted, and what blocks it."""
+
+    fits: bool
+    victims: list[str]
+    blocked_by: list[str]  # busy or pinned models that would have to go
+    need: dict[str, int]
+    free: dict[str, int]
+
+
+class Lease:
+    """A request's hold on a loaded model; `release()` starts its keep_alive countdown."""
+
+    def __init__(self, scheduler: Scheduler, model: LoadedModel, load_seconds: float) -> None:
+        self.scheduler = scheduler
+        self.model = model
+        self.load_seconds = load_seconds
+        self.keep_alive: float | None = None
+        self._released = False
+        assert model.engine is not None
+        self.engine: Engine = model.engine
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self, keep_alive: float | None = None) -> None:
+        """Idempotent; `keep_alive` (seconds, 0 unloads now, negative never) overrides."""
+        if not self._released:
+            self._released = True
+            ka = keep_alive if keep_alive is not None else self.keep_alive
+            self.scheduler._release(self.model, ka)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Scheduler:
+    """Loaded models, leases, admission against the budget, eviction, keep_alive. Thread-safe."""
+
+    def __init__(
+        self,
+        config: ConfigStore,
+        catalog: Catalog,
+        events: EventBus,
+        *,
+        engine_factory: EngineFactory = create_engine,
+        clock: Clock | None = None,
+        measure: Callable[[], int] | None = None,
+        baseline: Callable[[], int] | None = None,
+        ram_default: int | None = None,
+        background: bool = True,
+        estimator: Callable[[ModelInfo, EngineOptions], MemoryEstimate] | None = None,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.events = events
+        self.engine_factory = engine_factory
+        self.clock: Clock = clock or SystemClock()
+        self._measure = measure or process_rss
+        self._baseline = baseline or baseline_rss
+        self._ram_default = ram_default if ram_default is not None else default_budget()
+        self._cond = threading.Condition(threading.RLock())
+        self._admission = threading.Lock()  # one load (and its evictions) at a time
+        self._loaded: dict[str, LoadedModel] = {}
+        self._pins: set[str] = set()
+        self._closed = False
+        self._shutting_down = False  # cancel_all() ran: lmx is stopping
+        self._cancels = 0  # cancel_all() calls so far
+        self._thread: threading.Thread | None = None
+        self._background = background  # False: the caller runs tick() (virtual-time tests)
+        self._estimator = estimator or estimate_model
+        self.waiting: dict[str, list[str]] = {}  # loads waiting for room -> what blocks them
+        self._unsubscribe = config.subscribe(self._on_config)
+
+    # ----- reading ---------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        return self.config.current
+
+    @property
+    def budget(self) -> int:
+        """The RAM budget for loaded models, bytes."""
+        return self.settings.max_memory or self._ram_default
+
+    def budgets(self) -> dict[str, int]:
+        """The budget per device."""
+        return {"ram": self.budget}
+
+    def loaded(self) -> list[LoadedModel]:
+        """Models that are loaded (ready or busy)."""
+        with self._cond:
+            return [
+                lm
+                for lm in self._loaded.values()
+                if lm.state in (ModelState.READY, ModelState.BUSY)
+            ]
+
+    def get(self, model_id: str) -> LoadedModel | None:
+        with self._cond:
+            lm = self._loaded.get(model_id)
+            return lm if lm is not None and lm.engine is not None else None
+
+    def state_of(self, model_id: str) -> str:
+        with self._cond:
+            lm = self._loaded.get(model_id)
+            return "available" if lm is None else str(lm.state)
+
+    def is_pinned(self, model_id: str) -> bool:
+        mc = self.settings.models.get(model_id)
+        return model_id in self._pins or bool(mc and mc.pin)
+
+    def pin(self, model_id: str, on: bool = True) -> None:
+        """Pinned models are never evicted and never expire."""
+        with self._cond:
+            (self._pins.add if on else self._pins.discard)(model_id)
+            self._cond.notify_all()
+        self.events.publish("pinned" if on else "unpinned", model_id)
+
+    def options_for(self, info: ModelInfo) -> EngineOptions:
+        s = self.settings
+        mc = s.models.get(info.id)
+        return EngineOptions(
+            n_ctx=s.for_model("ctx", info.id),
+            parallel=s.for_model("parallel", info.id),
+            threads=s.threads,
+            gpu_layers=s.for_model("gpu_layers", info.id),
+            max_queue=s.max_queue,
+            chat_template=mc.chat_template if mc else None,
+        )
+
+    def estimate_for(
+        self, info: ModelInfo, ctx: int | None = None, parallel: int | None = None
+    ) -> MemoryEstimate:
+        """What `info` would take loaded with its settings (or this ctx / parallel)."""
+        if not info.usable:
+            raise ModelUnusable(
+                f"The model '{info.id}' cannot be loaded: {info.error}", param="model"
+            )
+        opts = self.options_for(info)
+        if ctx or parallel:
+            opts = replace(opts, n_ctx=ctx or opts.n_ctx, parallel=parallel or opts.parallel)
+        return self._estimator(info, opts)
+
+    def keep_alive_for(self, model_id: str) -> float:
+        return float(self.settings.for_model("keep_alive", model_id))
+
+    def plan(self, need: MemoryEstimate, exclude: str = "") -> Plan:
+        """Whether `need` fits now, and the idle models (LRU first) evicted to make room."""
+        with self._cond:
+            others = [
+                lm
+                for lm in self._loaded.values()
+                if lm.info.id != exclude and (lm.admitted or lm.state != ModelState.LOADING)
+            ]
+            budgets = self.budgets()
+            used = {d: 0 for d in budgets}
+            for lm in others:
+                for d, b in lm.estimate.by_device().items():
+                    used[d] = used.get(d, 0) + b
+            want = need.by_device()
+            cap = self.settings.max_loaded_models
+            count = len(others)
+
+            def fits() -> bool:
+                mem = all(used.get(d, 0) + b <= budgets.get(d, 0) for d, b in want.items())
+                return mem and not (cap and count + 1 > cap)
+
+            victims: list[str] = []
+            movable = [
+                lm
+                for lm in others
+                if lm.state in (ModelState.READY, ModelState.BUSY)
+                and lm.idle
+                and not self.is_pinned(lm.info.id)
+            ]
+            for lm in sorted(movable, key=lambda m: m.last_used):
+                if fits():
+                    break
+                victims.append(lm.info.id)
+                for d, b in lm.estimate.by_device().items():
+                    used[d] -= b
+                count -= 1
+            ok = fits()
+            blocked = [] if ok else [lm.info.id for lm in others if lm.info.id not in victims]
+            free = {d: budgets[d] - used.get(d, 0) for d in budgets}
+            return Plan(ok, victims, blocked, want, free)
+
+    def group_rivals(self, model_id: str) -> list[LoadedModel]:
+        """Loaded members of other groups, which an exclusive group's member unloads."""
+        mine = self.catalog.group_of(model_id)
+        if mine is None or not self.settings.groups[mine[0]].exclusive:
+            return []
+        out = []
+        for lm in self.loaded():
+            other = self.catalog.group_of(lm.info.id)
+            if other is not None and other[0] != mine[0] and not self.is_pinned(lm.info.id):
+                out.append(lm)
+        return out
+
+    # ----- leases ----------------------------------------------------------------------------
+
+    def lease(self, info: ModelInfo, keep_alive: float | None = None) -> Lease:
+        """Hold `info`'s model for one request, loading it first if needed (blocking).
+
+        Raises ModelUnusable, ModelTooLarge (507), ModelsBusy (503 after load_timeout) or
+        EngineFailure (the load failed)."""
+        if not info.usable:
+            raise ModelUnusable(
+                f"The model '{info.id}' cannot be loaded: {info.error}", param="model"
+            )
+        while True:
+            with self._cond:
+                if self._closed:
+                    raise EngineFailure("lmx is shutting down")
+                lm = self._loaded.get(info.id)
+                if lm is not None and lm.state in (ModelState.READY, ModelState.BUSY):
+                    assert lm.engine is not None
+                    unusable = (not lm.engine.alive) or (lm.stale and lm.leases == 0)
+                    if not unusable:
+                        self._shutting_down = False  # serving again (the TUI, tests)
+                        lm.leases += 1
+                        lm.expires_at = None
+                        lm.last_used = self.clock.now()
+                        if lm.state == ModelState.READY:
+                            self._transition(lm, ModelState.BUSY)
+                        lease = Lease(self, lm, 0.0)
+                        lease.keep_alive = keep_alive
+                        return lease
+                elif lm is not None:  # loading or unloading: wait for it to settle
+                    self.clock.wait(self._cond, 1.0)
+                    continue
+                else:
+                    placeholder = LoadedModel(
+                        info, self.options_for(info), self.estimate_for(info), clock=self.clock
+                    )
+                    self._loaded[info.id] = placeholder
+            if lm is not None:  # dead engine or changed settings: unload, then load anew
+                self._unload(lm, "engine_failed" if lm.failure else "reconfigured")
+                continue
+            t0 = time.perf_counter()
+            self._load(placeholder)
+            load_s = time.perf_counter() - t0
+            with self._cond:
+                closed = self._closed
+            if closed:  # lmx began to stop during the load: nobody will unload it later
+                self._unload(placeholder, "unloaded")
+                raise EngineFailure("lmx is shutting down")
+            with self._cond:
+                if self._loaded.get(info.id) is not placeholder or placeholder.state not in (
+                    ModelState.READY,
+                    ModelState.BUSY,
+                ):
+                    continue  # unloaded (admin, shutdown) before we could use it
+                lease = Lease(self, placeholder, load_s)  # _load() counted this lease
+                lease.keep_alive = keep_alive
+                return lease
+
+    def load(self, info: ModelInfo) -> LoadedModel:
+        """Load without holding it (admin, TUI): its keep_alive countdown starts at once."""
+        lease = self.lease(info)
+        lease.release()
+        return lease.model
+
+    def _release(self, lm: LoadedModel, keep_alive: float | None) -> None:
+        ka = self.keep_alive_for(lm.info.id) if keep_alive is None else keep_alive
+        with self._cond:
+            lm.leases = max(0, lm.leases - 1)
+            lm.last_used = self.clock.now()
+            if lm.leases == 0 and lm.state == ModelState.BUSY:
+                self._transition(lm, ModelState.READY)
+                lm.expires_at = None if ka < 0 else self.clock.now() + ka
+            self._cond.notify_all()
+
+    # ----- loading and making room ---------------------------------------------------------------
+
+    def _load(self, lm: LoadedModel) -> None:
+        info = lm.info
+        try:
+            with self._admission:
+                self._make_room(lm)
+                self.events.publish("loading", info.id, **lm.estimate.as_dict())
+                rss0 = self._baseline()
+                t0 = time.perf_counter()
+                engine = self.engine_factory(info, lm.options)
+                engine.on_failure = lambda reason, lm=lm: self._engine_failed(lm, reason)
+                engine.load()
+                lm.load_seconds = time.perf_counter() - t0
+                lm.measured = max(0, self._measure() - rss0)
+        except BaseException as e:
+            with self._cond:
+                if self._loaded.get(info.id) is lm:
+                    del self._loaded[info.id]
+                self._transition(lm, ModelState.STOPPED)
+                self._cond.notify_all()
+            if isinstance(e, EngineFailure):
+                self.events.publish("load_failed", info.id, error=str(e))
+            raise
+        with self._cond:
+            lm.engine = engine
+            lm.loaded_at = time.time()
+            self._transition(lm, ModelState.READY)
+            # The request that loaded it holds it from this instant: were it idle for a moment,
+            # another load waiting for room could evict it before its first token.
+            lm.leases += 1
+            lm.last_used = self.clock.now()
+            lm.expires_at = None
+            self._transition(lm, ModelState.BUSY)
+            self._cond.notify_all()
+        log.info("loaded %s in %.2fs", info.id, lm.load_seconds)
+        self.events.publish("loaded", info.id, seconds=round(lm.load_seconds, 3))
+        self.start()
+
+    def _make_room(self, lm: LoadedModel) -> None:
+        info, est = lm.info, lm.estimate
+        budgets = self.budgets()
+        too_big = [d for d, b in est.by_device().items() if b > budgets.get(d, 0)]
+        if too_big:
+            raise ModelTooLarge(
+                f"The model '{info.id}' needs about {est.total / 1e6:.0f} MB (weights "
+                f"{est.weights / 1e6:.0f} MB, KV cache {est.kv_cache / 1e6:.0f} MB, compute "
+                f"{est.compute / 1e6:.0f} MB) but the memory budget is "
+                f"{self.budget / 1e6:.0f} MB; lower ctx/parallel or raise --max-memory.",
+                param="model",
+            )
+        deadline = self.clock.now() + self.settings.load_timeout
+        cancels = self._cancels
+        while True:
+            if self._cancels != cancels or self._closed:
+                # lmx is stopping: waiting out load_timeout would hold the shutdown up.
+                self.waiting.pop(info.id, None)
+                raise EngineFailure("lmx is shutting down")
+            rivals = self.group_rivals(info.id)
+            if rivals and all(r.idle for r in rivals):
+                for r in rivals:
+                    self._unload(r, "evicted")
+                continue
+            plan = self.plan(est, exclude=info.id)
+            if plan.fits and not rivals:
+                for v in plan.victims:
+                    victim = self._loaded.get(v)
+                    if victim is not None:
+                        self._unload(victim, "evicted")
+                with self._cond:
+                    if self.plan(est, exclude=info.id).fits:  # nothing slipped in between
+                        lm.admitted = True
+                        self.waiting.pop(info.id, None)
+                        return
+                continue
+            with self._cond:
+                left = deadline - self.clock.now()
+                blockers = plan.blocked_by or [r.info.id for r in rivals]
+                if info.id not in self.waiting:
+                    self.waiting[info.id] = blockers
+                    self.events.publish("load_waiting", info.id, blocked_by=blockers)
+                if left <= 0:
+                    self.waiting.pop(info.id, None)
+                    busy = ", ".join(blockers)
+                    raise ModelsBusy(
+                        f"No room for '{info.id}' ({est.total / 1e6:.0f} MB): the loaded "
+                        f"models ({busy}) are serving requests or pinned and none finished "
+                        f"within {self.settings.load_timeout:.0f}s. Retry later.",
+                        param="model",
+                    )
+                # A busy model turns idle when its engine finishes the last step, which no
+                # one announces (a dropped stream releases its lease before that): poll.
+                self.clock.wait(self._cond, min(left, 0.5))
+
+    # ----- unloading -----------------------------------------------------------------------
+
+    def unload(self, model_id: str, reason: str = "unloaded") -> bool:
+        """Unload a model; requests in flight on it are cancelled. False if it was not loaded."""
+        with self._cond:
+            while True:
+                lm = self._loaded.get(model_id)
+                if lm is None or lm.state in (ModelState.UNLOADING, ModelState.STOPPED):
+                    return False
+                if lm.state != ModelState.LOADING:
+                    break
+                self.clock.wait(self._cond, 1.0)
+        return self._unload(lm, reason)
+
+    def _unload(self, lm: LoadedModel, reason: str) -> bool:
+        with self._cond:
+            if self._loaded.get(lm.info.id) is not lm or lm.state not in (
+                ModelState.READY,
+                ModelState.BUSY,
+            ):
+                return False
+            if reason in ("evicted", "expired") and not lm.idle:
+                return False  # leased since it was chosen: a model in use is never evicted
+            self._transition(lm, ModelState.UNLOADING)
+        try:
+            if lm.engine is not None:
+                lm.engine.close()
+        finally:
+            with self._cond:
+                if self._loaded.get(lm.info.id) is lm:
+                    del self._loaded[lm.info.id]
+                self._transition(lm, ModelState.STOPPED)
+                self._cond.notify_all()
+        log.info("%s %s", reason, lm.info.id)
+        kind = "evicted" if reason == "evicted" else "unloaded"
+        self.events.publish(kind, lm.info.id, reason=reason)
+        return True
+
+    def _engine_failed(self, lm: LoadedModel, reason: str) -> None:
+        """From the engine's own thread: mark it and let tick() unload it."""
+        with self._cond:
+            lm.failure = reason
+            self._cond.notify_all()
+        log.error("%s failed: %s", lm.info.id, reason)
+        self.events.publish("engine_failed", lm.info.id, error=reason)
+
+    def why_stopped(self, model_id: str) -> str:
+        """Why a generation on `model_id` was cancelled by lmx rather than by its client."""
+        with self._cond:
+            if self._closed or self._shutting_down:
+                return "lmx is shutting down; the generation was stopped"
+            lm = self._loaded.get(model_id)
+            if lm is None or lm.state in (ModelState.UNLOADING, ModelState.STOPPED):
+                return f"the model '{model_id}' was unloaded while generating"
+        return f"the generation on '{model_id}' was stopped by the server"
+
+    def cancel_all(self) -> None:
+        """Stop every generation in flight (shutdown)."""
+        with self._cond:
+            self._shutting_down = True
+            self._cancels += 1  # loads waiting for room give up (see _make_room)
+            self._cond.notify_all()
+        for lm in self.loaded():
+            if lm.engine is not None:
+                lm.engine.cancel_all()
+
+    # ----- the keep_alive / health loop ---------------------------------------------------------
+
+    @staticmethod
+    def _deadline_from(now: float, keep_alive: float) -> float | None:
+        return None if keep_alive < 0 else now + keep_alive
+
+    def _deadline(self, keep_alive: float) -> float | None:
+        return self._deadline_from(self.clock.now(), keep_alive)
+
+    def _due(self) -> tuple[list[tuple[LoadedModel, str]], float | None]:
+        """Work that is due now, and when the next deadline falls. Holds the lock."""
+        now = self.clock.now()
+        work: list[tuple[LoadedModel, str]] = []
+        nxt: float | None = None
+        for lm in self._loaded.values():
+            if lm.state not in (ModelState.READY, ModelState.BUSY):
+                continue
+            if lm.failure is not None or (lm.engine is not None and not lm.engine.alive):
+                work.append((lm, "engine_failed"))
+            elif lm.stale and lm.idle:
+                work.append((lm, "reconfigured"))
+            elif self.is_pinned(lm.info.id) or lm.expires_at is None:
+                continue
+            elif lm.expires_at <= now and lm.idle:
+                work.append((lm, "expired"))
+            elif lm.expires_at > now:
+                nxt = lm.expires_at if nxt is None else min(nxt, lm.expires_at)
+        return work, nxt
+
+    def tick(self) -> float | None:
+        """Do what is due: unload expired idle models and dead engines, reload models whose
+        settings changed. Returns the clock time of the next deadline (None: none)."""
+        with self._cond:
+            work, nxt = self._due()
+        for lm, reason in work:
+            if reason == "reconfigured":
+                with self._admission:
+                    if self._unload(lm, reason):
+                        self.events.publish("reconfigured", lm.info.id)
+                info = self.catalog.get(lm.info.id) or lm.info
+                try:
+                    self.load(info)
+                except Exception as e:  # too big now, busy neighbours: it loads on demand later
+                    log.warning("could not reload %s: %s", info.id, e)
+            elif reason == "expired":
+                with self._admission, self._cond:
+                    still = lm.expires_at is not None and lm.expires_at <= self.clock.now()
+                if still and lm.idle and not self.is_pinned(lm.info.id):
+                    self._unload(lm, reason)
+            else:
+                self._unload(lm, reason)
+        return nxt
+
+    def start(self) -> None:
+        """Run tick() in a background thread whenever something is due (idempotent)."""
+        with self._cond:
+            if self._thread is not None or self._closed or not self._background:
+                return
+            self._thread = threading.Thread(target=self._loop, name="lmx-scheduler", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                nxt = self.tick()
+            except Exception:
+                log.exception("scheduler tick failed")
+                nxt = None
+            with self._cond:
+                if self._closed:
+                    return
+                work, nxt2 = self._due()
+                if work:
+                    continue
+                nxt = nxt2
+                timeout = None if nxt is None else max(0.0, nxt - self.clock.now())
+                # Busy models become idle without a notify (their last token); poll gently.
+                self.clock.wait(self._cond, 1.0 if timeout is None else min(timeout, 1.0))
+
+    def _on_config(self, old: Settings, new: Settings) -> None:
+        """Settings changed: models whose engine options differ reload when next idle."""
+        with self._cond:
+            for lm in self._loaded.values():
+                if lm.state in (ModelState.READY, ModelState.BUSY):
+                    if self.options_for(lm.info) != lm.options:
+                        lm.stale = True
+                    if lm.leases == 0 and lm.expires_at is not None:
+                        # keep_alive may have changed: restart the countdown from last use
+                        ka = self.keep_alive_for(lm.info.id)
+                        lm.expires_at = self._deadline_from(lm.last_used, ka)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Unload everything and stop the background thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+            # A load in flight (a SIGTERM mid-load) finishes first; its lease() sees `_closed`
+            # and unloads it, so no model is left mapped as the process exits.
+            deadline = time.monotonic() + 60
+            while any(lm.state == ModelState.LOADING for lm in self._loaded.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 1.0))
+        for lm in list(self._loaded.values()):
+            with contextlib.suppress(Exception):
+                self._unload(lm, "unloaded")
+        if thread is not None:
+            thread.join(5)
+        self._unsubscribe()
+
+    # ----- state machine ---------------------------------------------------------------------
+
+    def _transition(self, lm: LoadedModel, to: ModelState) -> None:
+        if to not in TRANSITIONS[lm.state]:
+            raise InvalidTransition(f"{lm.info.id}: {lm.state} -> {to} is not allowed")
+        lm.state = to
