@@ -47,6 +47,7 @@ class Catalog:
         self._models: dict[str, ModelInfo] = {}
         self._stamps: dict[str, FileStamp] = {}  # model id -> its file as last read
         self._broken: dict[str, str] = {}  # model id -> why its chat template is broken
+        self._files: list[ModelInfo] | None = None  # the last file scan
         self._digests = DigestCache(state_dir() / "digests.json")
         # Whether a model is loaded (the runtime points it at the scheduler): a loaded model's
         # file may change under it; the catalog follows only once it is unloaded.
@@ -57,40 +58,56 @@ class Catalog:
     def settings(self) -> Settings:
         return self.config.current
 
-    def refresh(self) -> list[ModelInfo]:
-        """Rescan every source (loaded models stay loaded: the scheduler holds them)."""
+    def refresh(self, *, files: bool = True) -> list[ModelInfo]:
+        """Rescan every source (loaded models stay loaded: the scheduler holds them).
+        `files=False` asks only the extra sources again (the upstreams' background probe)."""
         s = self.settings
-        found: list[ModelInfo] = []
-        if self._discover_files:
-            found = discover(
-                s.model_dirs,
-                include_default=s.include_default_model,
-                include_hf_cache=s.hf_cache,
-                hf_cache_dir=s.hf_cache_dir,
-                include_user_stores=s.user_stores,
-                ollama_dir=s.ollama_dir,
-                lmstudio=s.lmstudio_dirs,
+        if files or self._files is None:
+            self._files = (
+                discover(
+                    s.model_dirs,
+                    include_default=s.include_default_model,
+                    include_hf_cache=s.hf_cache,
+                    hf_cache_dir=s.hf_cache_dir,
+                    include_user_stores=s.user_stores,
+                    ollama_dir=s.ollama_dir,
+                    lmstudio=s.lmstudio_dirs,
+                )
+                if self._discover_files
+                else []
             )
+        found = list(self._files)
         for source in self._sources:
             found += source()
-        stamps = {m.id: st for m in found if m.format == "gguf" and (st := file_stamp(m.path))}
+        models: dict[str, ModelInfo] = {}
+        for m in found:
+            if m.id in models:  # a local model keeps its id; an upstream's twin is left out
+                log.warning(
+                    "%s from %s is hidden by the one from %s", m.id, m.source, models[m.id].source
+                )
+                continue
+            models[m.id] = m
+        stamps = {
+            mid: st
+            for mid, m in models.items()
+            if m.format == "gguf" and (st := file_stamp(m.path))
+        }
         with self._lock:
             before, old_stamps = dict(self._models), dict(self._stamps)
-        ids = {m.id for m in found}
         for mid, old in before.items():  # in_use() asks the scheduler: not under our lock
-            if mid not in ids and self.in_use(mid):
+            if mid not in models and self.in_use(mid):
                 # Deleted while loaded: it serves from memory until unloaded, so it stays
                 # listed (with its old file's stamp) until then.
-                found.append(old)
+                models[mid] = old
                 if mid in old_stamps:
                     stamps[mid] = old_stamps[mid]
         with self._lock:
             for mid in list(self._broken):
                 if stamps.get(mid) != self._stamps.get(mid):
                     del self._broken[mid]  # a new file: its template gets a fresh chance
-            self._models = {m.id: m for m in found}
+            self._models = models
             self._stamps = stamps
-        return found
+        return list(models.values())
 
     def _rescan_if_changed(self) -> None:
         """Rescan when a model file was deleted or replaced since it was read (the loaded copy,
@@ -166,7 +183,11 @@ class Catalog:
     def digest(self, info: ModelInfo) -> str:
         """The sha256 of the model's file: known from the store's blob name when it keeps one
         (Hugging Face cache, Ollama), else computed once and cached by path, size and mtime.
+        An upstream's model has no file here: the digest of its URL and id stands for it.
         A model that is a directory (MLX) gets one sha256 over its files' names and digests."""
+        if info.upstream is not None:
+            ref = f"{info.upstream.server.url}#{info.upstream.model}"
+            return hashlib.sha256(ref.encode()).hexdigest()
         path = info.path.resolve()
         if not path.is_dir():
             return self._file_digest(path)

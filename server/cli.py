@@ -46,8 +46,12 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
         if s.flag is None:
             continue
         kw: dict[str, Any] = {"dest": s.name, "help": s.help, "default": None}
-        if s.kind in ("paths", "strs"):
-            kw.update(action="append", metavar="DIR" if s.kind == "paths" else "ORIGIN")
+        if s.kind == "paths":
+            kw.update(action="append", metavar="DIR")
+        elif s.kind == "strs":
+            kw.update(action="append", metavar="ORIGIN")
+        elif s.kind == "urls":
+            kw.update(action="append", metavar="[NAME=]URL")
         else:
             kw["metavar"] = {
                 "int": "N",
@@ -231,10 +235,14 @@ def cmd_ls(
                 )
             )
         else:
+            down = (m.get("upstream") or {}).get("reachable") is False
+            state = "unreachable" if down else "unusable"
             rows.append(
-                (m["id"], "-", "-", "-", human_size(m["size_bytes"]), "-", m["source"], "unusable")
+                (m["id"], "-", "-", "-", human_size(m["size_bytes"]), "-", m["source"], state)
             )
-            notes.append(f"  {m['id']}: unusable: {m['error']} ({m['path']})")
+            # An upstream's error names its URL already.
+            why = m["error"] if down else f"unusable: {m['error']} ({m['path']})"
+            notes.append(f"  {m['id']}: {why}")
         if m.get("template_error"):
             notes.append(f"  {m['id']}: chat template broken: {m['template_error']}")
     _table(rows)
@@ -255,6 +263,7 @@ _DESCRIBE_KEYS = (
     "quantization",
     "context_length",
     "aliases",
+    "upstream",
     "state",
     "template_error",
 )

@@ -27,11 +27,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.gguf import GGUFError, GGUFHeader, read_gguf
 from server.mlx_meta import MlxMeta, MlxMetaError, looks_like_mlx_dir, read_mlx_meta, weight_files
 from server.safe_text import printable
+
+if TYPE_CHECKING:
+    from server.upstreams import UpstreamModel
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,14 @@ class ModelInfo:
     aliases: list[str] = field(default_factory=list)
     format: str = "gguf"  # which engine runs it: gguf (llama.cpp), mlx, upstream
     mlx: MlxMeta | None = None  # format "mlx": config, tokenizer and safetensors headers
+    upstream: UpstreamModel | None = None  # format "upstream": the server and its model id
+    keep_alive: float | None = None  # its source's default keep_alive ([models."id"] wins)
+
+    @property
+    def unreachable(self) -> bool:
+        """An upstream that did not answer its last probe: unusable for now, but a request
+        still tries it (quickly), as it may be back."""
+        return self.upstream is not None and not self.upstream.reachable
 
     @property
     def usable(self) -> bool:
@@ -79,6 +90,8 @@ class ModelInfo:
     def context_length(self) -> int | None:
         if self.mlx is not None:
             return self.mlx.context_length
+        if self.upstream is not None:
+            return self.upstream.context_length
         return self.header.context_length if self.header else None
 
     @property
@@ -91,7 +104,7 @@ class ModelInfo:
         """A JSON-ready summary (used by `lmx ls --json`, the API and the TUI)."""
         return {
             "id": self.id,
-            "path": str(self.path),
+            "path": self.upstream.server.url if self.upstream else str(self.path),
             "source": self.source,
             "format": self.format,
             "size_bytes": self.size_bytes,
@@ -102,6 +115,7 @@ class ModelInfo:
             "quantization": self.quantization,
             "context_length": self.context_length,
             "aliases": list(self.aliases),
+            "upstream": self.upstream.describe() if self.upstream else None,
         }
 
 

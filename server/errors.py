@@ -130,3 +130,26 @@ class ChatTemplateBroken(ModelUnusable):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, param=None)
+
+
+class UpstreamUnavailable(EngineFailure):
+    """An upstream server (another OpenAI-compatible server lmx forwards to) cannot be
+    reached, or failed: lmx answers as a gateway does."""
+
+    status = 502
+    code = "upstream_unavailable"
+
+
+class UpstreamError(LmxError):
+    """An upstream server refused a request: its own message, with the status a client of lmx
+    should see (the client's fault stays 4xx; the upstream's own faults become 502/503)."""
+
+    code = "upstream_error"
+
+    def __init__(self, message: str, *, status: int, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.status = status
+        if status == 429:
+            self.type = "rate_limit_error"
+        elif status >= 500:
+            self.type = "server_error"

@@ -4,6 +4,11 @@
     lease the model (loads on demand, refreshes keep_alive and LRU) -> render the chat template
     -> check the context -> submit -> stream typed events -> release -> record
 
+An engine that `takes_text` (an upstream server) gets the messages or prompt as text instead
+of tokens, and applies its own template, tokenizer and context check; the pipeline waits for
+its first event so that a refusal (the upstream is down, or rejects the request) is still an
+`LmxError` raised by `start()`.
+
 A front end builds a `GenerateRequest` from its dialect, calls `GenerationService.start()`
 (every error it raises is an `LmxError`, before anything is streamed), then reads
 `Run.events()` or awaits `Run.result()`, translating events into its own wire format. It holds
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -25,9 +31,17 @@ from server.engines.base import (
     Generation,
     GenerationRequest,
     SamplingParams,
+    TextPrompt,
     TokenText,
 )
-from server.errors import ChatTemplateBroken, ContextOverflow, InvalidRequest, LmxError, RateLimited
+from server.errors import (
+    ChatTemplateBroken,
+    ContextOverflow,
+    EngineFailure,
+    InvalidRequest,
+    LmxError,
+    RateLimited,
+)
 from server.grammar import json_grammar
 from server.keys import ApiKey, Permit, current_key
 from server.scheduler import Lease, Scheduler
@@ -69,6 +83,14 @@ class Sampling:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["seed"] = seed
         return SamplingParams.merged(**values)
+
+    def given(self, index: int = 0) -> dict[str, Any]:
+        """Only the fields that were set (as `params` seeds them), for an engine that passes
+        them on and lets its upstream's defaults stand for the rest."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.seed is not None:
+            values["seed"] = self.params(index).seed
+        return {k: v for k, v in values.items() if v is not None}
 
 
 @dataclass
@@ -161,6 +183,7 @@ class Run:
         self.started = started
         self.finished: list[Finished | None] = [None] * len(requests)
         self._queue: asyncio.Queue[tuple[int, TokenText | Finished]] = asyncio.Queue()
+        self._early: deque[tuple[int, TokenText | Finished]] = deque()  # read by opened()
         self._gens: list[Generation] = []
         self._closed = False
         loop = asyncio.get_running_loop()
@@ -185,11 +208,32 @@ class Run:
     def done(self) -> bool:
         return all(f is not None for f in self.finished)
 
+    async def opened(self) -> None:
+        """Wait for every choice's first event. A choice that failed before any text (an
+        upstream that is down or refused the request) raises its error, and the run ends
+        unrecorded: the front end answers (and records) that error in its own dialect."""
+        try:
+            firsts: set[int] = set()
+            while len(firsts) < self.choices:
+                i, ev = await self._queue.get()
+                self._early.append((i, ev))
+                if i in firsts:
+                    continue
+                firsts.add(i)
+                if isinstance(ev, Finished) and ev.reason == "error":
+                    raise ev.failure or EngineFailure(ev.error or "generation failed")
+        except BaseException:
+            self._closed = True
+            for g in self._gens:
+                g.cancel()
+            self.lease.release()
+            raise
+
     async def events(self) -> AsyncIterator[RunEvent]:
         """Text as it is generated and one `Done` per choice; closes the run at the end."""
         try:
             while not self.done:
-                i, ev = await self._queue.get()
+                i, ev = self._early.popleft() if self._early else await self._queue.get()
                 if isinstance(ev, TokenText):
                     yield Delta(i, ev.text)
                 else:
@@ -270,18 +314,25 @@ class GenerationService:
                 permit.release()
             raise
         try:
-            try:
-                prompts = await asyncio.to_thread(render, lease.engine, req)
-            except ChatTemplateBroken as e:
-                self.catalog.mark_broken(target.info.id, e.message)
-                raise
-            gen_requests = build_requests(lease.engine, req, prompts, grammar)
+            if lease.engine.takes_text:
+                prompts: list[list[int]] = []
+                gen_requests = text_requests(req)
+            else:
+                try:
+                    prompts = await asyncio.to_thread(render, lease.engine, req)
+                except ChatTemplateBroken as e:
+                    self.catalog.mark_broken(target.info.id, e.message)
+                    raise
+                gen_requests = build_requests(lease.engine, req, prompts, grammar)
         except BaseException:
             lease.release(req.keep_alive)
             if permit is not None:
                 permit.release()
             raise
-        return Run(self, lease, req, prompts, gen_requests, started, permit)
+        run = Run(self, lease, req, prompts, gen_requests, started, permit)
+        if lease.engine.takes_text:
+            await run.opened()
+        return run
 
     async def load(self, model: str, keep_alive: float | None = None) -> Lease:
         """Load (or keep loaded) without generating: Ollama's empty prompt, the TUI's `l`.
@@ -450,6 +501,37 @@ def render(engine: Engine, req: GenerateRequest) -> list[list[int]]:
     out = [engine.tokenize(p, add_special=True, special=req.raw) for p in req.prompts]
     if any(not p for p in out):
         raise InvalidRequest("prompt is empty.", param="prompt")
+    return out
+
+
+def text_requests(req: GenerateRequest) -> list[GenerationRequest]:
+    """One request per prompt and choice, as text, for an engine that takes text: the upstream
+    applies its own template, tokenizer, context check and format constraint."""
+    texts = [None] if req.prompts is None else list(req.prompts)
+    if any(t == "" for t in texts):
+        raise InvalidRequest("prompt is empty.", param="prompt")
+    out = []
+    for prompt in texts:
+        for i in range(req.n):
+            out.append(
+                GenerationRequest(
+                    prompt_tokens=[],
+                    max_tokens=req.max_tokens or 0,
+                    sampling=req.sampling.params(i),
+                    stop=[s for s in req.stop if s],
+                    logit_bias=dict(req.logit_bias),
+                    ignore_eos=req.ignore_eos,
+                    label=req.label,
+                    text=TextPrompt(
+                        messages=req.messages,
+                        prompt=prompt,
+                        raw=req.raw,
+                        sampling=req.sampling.given(i),
+                        json_mode=req.json_mode,
+                        json_schema=req.json_schema,
+                    ),
+                )
+            )
     return out
 
 

@@ -19,6 +19,7 @@ from server.pipeline import GenerationService
 from server.scheduler import Clock, Scheduler
 from server.settings import ConfigError, ConfigStore, Settings, hf_cache_dir, state_dir
 from server.telemetry import RequestLog
+from server.upstreams import Upstreams
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,10 @@ class Runtime:
         self.events = EventBus()
         self.keys = KeyStore(self.config)  # a bad key file fails here, before anything loads
         self.requests = RequestLog()
-        self.catalog = Catalog(self.config)
+        # Other OpenAI-compatible servers whose models lmx serves; probed in the background.
+        self.upstreams = Upstreams(self.config, self.events)
+        self.catalog = Catalog(self.config, sources=[self.upstreams.models])
+        self.upstreams.watch(lambda: self.catalog.refresh(files=False))
         self.scheduler = Scheduler(
             self.config, self.catalog, self.events, engine_factory=engine_factory, clock=clock
         )
@@ -173,3 +177,4 @@ class Runtime:
         if downloads is not None:
             downloads.close()
         self.scheduler.close()
+        self.upstreams.close()

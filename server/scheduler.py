@@ -48,10 +48,20 @@ log = logging.getLogger(__name__)
 
 def estimate_model(info: ModelInfo, options: EngineOptions) -> MemoryEstimate:
     """The memory estimate for a model (GGUF header, or an MLX directory's config and
-    safetensors headers), at these options."""
+    safetensors headers), at these options. An upstream model runs on another server: it costs
+    nothing here, and so never evicts a local one."""
+    if info.format == "upstream":
+        return MemoryEstimate(0, 0, 0, options.n_ctx, options.parallel)
     if info.header is None and info.mlx is None:
         raise ModelUnusable(f"The model '{info.id}' has no readable header.", param="model")
     return estimate_by_format(info, options.n_ctx, options.parallel)
+
+
+def _check_loadable(info: ModelInfo) -> None:
+    # An unreachable upstream is tried all the same: it may be back, and if not its engine's
+    # load says so within seconds (502), which is the answer a client of a gateway expects.
+    if not info.usable and not info.unreachable:
+        raise ModelUnusable(f"The model '{info.id}' cannot be loaded: {info.error}", param="model")
 
 
 class ModelState(StrEnum):
@@ -270,16 +280,19 @@ class Scheduler:
         self, info: ModelInfo, ctx: int | None = None, parallel: int | None = None
     ) -> MemoryEstimate:
         """What `info` would take loaded with its settings (or this ctx / parallel)."""
-        if not info.usable:
-            raise ModelUnusable(
-                f"The model '{info.id}' cannot be loaded: {info.error}", param="model"
-            )
+        _check_loadable(info)
         opts = self.options_for(info)
         if ctx or parallel:
             opts = replace(opts, n_ctx=ctx or opts.n_ctx, parallel=parallel or opts.parallel)
         return self._estimator(info, opts)
 
     def keep_alive_for(self, model_id: str) -> float:
+        """`[models."id"]`'s keep_alive, else its source's (an upstream's), else the global."""
+        mc = self.settings.models.get(model_id)
+        if mc is None or mc.keep_alive is None:
+            info = self.catalog.get(model_id)
+            if info is not None and info.keep_alive is not None:
+                return info.keep_alive
         return float(self.settings.for_model("keep_alive", model_id))
 
     def plan(self, need: MemoryEstimate, exclude: str = "") -> Plan:
@@ -297,11 +310,13 @@ class Scheduler:
                     used[d] = used.get(d, 0) + b
             want = need.by_device()
             cap = self.settings.max_loaded_models
-            count = len(others)
+            # Models that cost nothing here (upstream ones) are not counted against the cap.
+            count = sum(1 for lm in others if lm.estimate.total)
+            adds = 1 if need.total else 0
 
             def fits() -> bool:
                 mem = all(used.get(d, 0) + b <= budgets.get(d, 0) for d, b in want.items())
-                return mem and not (cap and count + 1 > cap)
+                return mem and not (cap and count + adds > cap)
 
             victims: list[str] = []
             movable = [
@@ -310,6 +325,7 @@ class Scheduler:
                 if lm.state in (ModelState.READY, ModelState.BUSY)
                 and lm.idle
                 and not self.is_pinned(lm.info.id)
+                and lm.estimate.total  # one that costs nothing frees nothing
             ]
             for lm in sorted(movable, key=lambda m: m.last_used):
                 if fits():
@@ -342,10 +358,7 @@ class Scheduler:
 
         Raises ModelUnusable, ModelTooLarge (507), ModelsBusy (503 after load_timeout) or
         EngineFailure (the load failed)."""
-        if not info.usable:
-            raise ModelUnusable(
-                f"The model '{info.id}' cannot be loaded: {info.error}", param="model"
-            )
+        _check_loadable(info)
         while True:
             with self._cond:
                 if self._closed:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 8421
 DEFAULT_CONFIG = Path("~/.config/lmx/config.toml")
 
-Kind = Literal["int", "float", "str", "bool", "duration", "size", "paths", "strs", "path"]
+Kind = Literal["int", "float", "str", "bool", "duration", "size", "paths", "strs", "path", "urls"]
 Reload = Literal["live", "model", "restart"]
 
 
@@ -121,7 +121,41 @@ def _parse(kind: Kind, value: Any) -> Any:
         if not text or not value:
             raise ValueError(f"expected a file path, got {value!r}")
         return Path(value).expanduser()
+    if kind == "urls":
+        # From the environment: separated by commas or spaces (a URL holds neither).
+        items = value.replace(",", " ").split() if text else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(u, str) for u in items):
+            raise ValueError(f"expected a list of [NAME=]URL, got {value!r}")
+        for u in items:
+            split_upstream(u)
+        return tuple(u.strip() for u in items if u.strip())
     raise AssertionError(kind)
+
+
+def upstream_url(url: str) -> str:
+    """An upstream's OpenAI base URL: http(s), no trailing slash, `/v1` when only a host is
+    given. Raises ValueError saying what is wrong."""
+    from urllib.parse import urlsplit
+
+    url = url.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"an upstream URL needs http:// or https:// and a host, not {url!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"an upstream URL takes no query or fragment: {url!r}")
+    return url if parts.path else url + "/v1"
+
+
+def split_upstream(spec: str) -> tuple[str, str]:
+    """`[NAME=]URL` -> (name, base URL); the name defaults to the URL's host:port."""
+    from urllib.parse import urlsplit
+
+    name, sep, url = spec.strip().partition("=")
+    if not sep or "://" in name:
+        name, url = "", spec.strip()
+    url = upstream_url(url)
+    name = (name.strip() or urlsplit(url).netloc).lower()
+    return name, url
 
 
 @dataclass(frozen=True)
@@ -276,8 +310,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("hf_cache", "bool", "look for models in the Hugging Face cache (default true)"),
     Setting("user_stores", "bool", "look in Ollama's and LM Studio's stores (default true)"),
     Setting("download_concurrency", "int", "downloads at once (default 2)", low=1, high=16),
+    Setting(
+        "upstream",
+        "urls",
+        "serve the models of another OpenAI-compatible server (vLLM, SGLang, llama-server, "
+        "Ray Serve, another lmx) at URL (repeatable)",
+        "--upstream",
+    ),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+LISTS = ("paths", "strs", "urls")  # kinds whose values add up across file, environment and flags
 
 
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -321,12 +363,37 @@ class KeyConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
+class UpstreamConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """`[upstreams.NAME]`: another OpenAI-compatible server whose models lmx lists and forwards
+    requests to (server/upstreams.py)."""
+
+    url: str  # its OpenAI base URL (http://host:8000/v1; a bare host:port gets /v1)
+    api_key: str | None = None  # sent as `Authorization: Bearer`
+    models: list[str] | None = None  # its model ids to serve; None: what its /v1/models lists
+    prefix: str = ""  # put before its model ids in lmx ("gpu/" -> gpu/<its id>)
+    cmd: str | None = None  # a command serving `url`: started on first use, stopped when idle
+    keep_alive: str | int | float | None = None  # its models' keep_alive ([models."id"] wins)
+    timeout: float = 600.0  # seconds to wait for its next bytes (connecting waits 2 s at most)
+    start_timeout: float = 120.0  # cmd: seconds for the started server to answer
+    parallel: int = 64  # requests forwarded at once; more wait in lmx's queue (max_queue)
+
+    def __post_init__(self) -> None:
+        self.url = upstream_url(self.url)
+        if self.cmd is not None and not self.models:
+            raise ValueError("an upstream with `cmd` needs its `models` listed")
+        if self.keep_alive is not None:
+            parse_duration(self.keep_alive)
+        if self.timeout <= 0 or self.start_timeout <= 0 or self.parallel < 1:
+            raise ValueError("timeout and start_timeout must be positive, parallel at least 1")
+
+
 class _Sections(msgspec.Struct, kw_only=True):
     models: dict[str, ModelConfig] = {}
     aliases: dict[str, str] = {}
     groups: dict[str, GroupConfig] = {}
     presets: dict[str, PresetConfig] = {}
     keys: dict[str, KeyConfig] = {}
+    upstreams: dict[str, UpstreamConfig] = {}
 
 
 @dataclass(frozen=True)
@@ -357,11 +424,13 @@ class Settings:
     hf_cache: bool = True
     user_stores: bool = True
     download_concurrency: int = 2
+    upstream: tuple[str, ...] = ()  # --upstream [NAME=]URL, as given
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     aliases: Mapping[str, str] = field(default_factory=dict)
     groups: Mapping[str, GroupConfig] = field(default_factory=dict)
     presets: Mapping[str, PresetConfig] = field(default_factory=dict)
     keys: Mapping[str, KeyConfig] = field(default_factory=dict)
+    upstreams: Mapping[str, UpstreamConfig] = field(default_factory=dict)
     config_path: Path | None = None
     # Not user settings: where to look, for tests and embedding (never from file/env/flags).
     include_default_model: bool = True
@@ -379,6 +448,16 @@ class Settings:
         if v is None:
             return getattr(self, name)
         return parse_duration(v) if name == "keep_alive" else v
+
+    def upstream_configs(self) -> dict[str, UpstreamConfig]:
+        """Every upstream by name: the `[upstreams.NAME]` sections, then each `--upstream`
+        (one naming a section replaces only its url)."""
+        out = dict(self.upstreams)
+        for spec in self.upstream:
+            name, url = split_upstream(spec)
+            base = out.get(name)
+            out[name] = msgspec.structs.replace(base, url=url) if base else UpstreamConfig(url=url)
+        return out
 
     def bind_refusal(self) -> str | None:
         """Why binding `host` is refused, or None when it is allowed."""
@@ -420,7 +499,7 @@ def build_settings(
             v = s.parse(raw)
         except ValueError as e:
             raise ConfigError(f"environment {s.env}: {e}") from e
-        values[s.name] = values.get(s.name, ()) + v if s.kind in ("paths", "strs") else v
+        values[s.name] = values.get(s.name, ()) + v if s.kind in LISTS else v
     _host_env(env, values)
     known = _field_names()
     for name, raw in (flags or {}).items():
@@ -436,7 +515,7 @@ def build_settings(
             v = setting.parse(raw)
         except ValueError as e:
             raise ConfigError(f"{setting.flag or setting.name}: {e}") from e
-        values[name] = values.get(name, ()) + v if setting.kind in ("paths", "strs") else v
+        values[name] = values.get(name, ()) + v if setting.kind in LISTS else v
     out = Settings(
         **values,
         models={k.lower(): v for k, v in sections.models.items()},
@@ -444,6 +523,7 @@ def build_settings(
         groups=dict(sections.groups),
         presets={k.lower(): v for k, v in sections.presets.items()},
         keys=dict(sections.keys),
+        upstreams={k.lower(): v for k, v in sections.upstreams.items()},
         config_path=path,
     )
     return out
@@ -566,7 +646,8 @@ class ConfigStore:
         store._flags = {
             f.name: getattr(settings, f.name)
             for f in dataclasses.fields(Settings)
-            if f.name not in ("models", "aliases", "groups", "presets", "keys", "config_path")
+            if f.name
+            not in ("models", "aliases", "groups", "presets", "keys", "upstreams", "config_path")
             and getattr(settings, f.name) != f.default
         }
         store._env = {}

@@ -134,6 +134,15 @@ def server(rt: Runtime) -> Iterator[ServerThread]:
 
 
 @pytest.fixture(scope="session")
+def peer() -> Iterator[tuple[Runtime, ServerThread]]:
+    """A second lmx (its own runtime and HTTP server): an upstream for lmx to forward to."""
+    runtime = Runtime(make_config(parallel=2, ctx=1024))
+    with ServerThread(runtime) as srv:
+        yield runtime, srv
+    runtime.close()
+
+
+@pytest.fixture(scope="session")
 def client(server: ServerThread):  # type: ignore[no-untyped-def]
     import openai
 

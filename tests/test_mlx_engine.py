@@ -131,6 +131,7 @@ def test_mlx_dirs_are_discovered_and_bad_ones_listed_with_the_reason(
         "quantization": "4bit",
         "context_length": 8192,
         "aliases": [],
+        "upstream": None,
     }
     assert m.chat_template == header.chat_template
     reasons = {k: v.error for k, v in models.items() if not v.usable}

@@ -114,6 +114,8 @@ class ModelBrowser(Vertical):
         table.clear()
         for m in rows:
             state = self.states.get(m.id, "available") if m.usable else "unusable"
+            if m.unreachable:  # an upstream server that did not answer
+                state = "unreachable"
             est, fits = self.memory.get(m.id, (0, False))
             table.add_row(
                 m.id,

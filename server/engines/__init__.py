@@ -20,6 +20,10 @@ def create_engine(info: ModelInfo, options: EngineOptions) -> Engine:
         from server.engines.mlx import MlxEngine
 
         return MlxEngine(info, options)
+    if info.format == "upstream":
+        from server.engines.upstream import UpstreamEngine
+
+        return UpstreamEngine(info, options)
     raise ValueError(f"no engine for models of format {info.format!r} ({info.id})")
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from server.chat_template import ChatTemplate
     from server.discovery import ModelInfo
+    from server.errors import LmxError
 
 
 @dataclass(frozen=True)
@@ -34,18 +35,33 @@ class SamplingParams:
         return cls(**{k: v for k, v in given.items() if v is not None})
 
 
+@dataclass(frozen=True)
+class TextPrompt:
+    """A request as text, for an engine that applies its own template and tokenizer (an
+    upstream server): the chat messages or the prompt, what the caller set, the output format."""
+
+    messages: list[dict[str, Any]] | None = None  # role, content (text), name
+    prompt: str | None = None  # a text completion's prompt (when messages is None)
+    raw: bool = False  # the prompt may hold special tokens (Ollama's raw mode)
+    sampling: dict[str, Any] = field(default_factory=dict)  # only the fields the caller set
+    json_mode: bool = False
+    json_schema: dict[str, Any] | None = None  # with json_mode: the schema to match
+
+
 @dataclass
 class GenerationRequest:
-    """A tokenized prompt plus how to continue it."""
+    """A tokenized prompt plus how to continue it (for an engine that `takes_text`, `text`
+    instead, and `prompt_tokens` empty)."""
 
     prompt_tokens: list[int]
-    max_tokens: int
+    max_tokens: int  # 0 with `text`: the caller set no limit (the upstream's default applies)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     grammar: str | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks, tests)
     label: str = ""  # who asked (api, tui, cli): shown in logs and the requests pane
+    text: TextPrompt | None = None  # set for engines that take text
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,9 @@ class Finished:
     cached_tokens: int = 0
     timings: Timings | None = None
     error: str | None = None
+    # The typed cause of an "error", when the engine knows one (an upstream's status): the
+    # pipeline raises it, in the caller's dialect, if it came before any text.
+    failure: LmxError | None = None
 
 
 Event = TokenText | Finished
@@ -137,6 +156,12 @@ class Engine(Protocol):
     info: ModelInfo
     # Set by the scheduler: called once, from the engine's own thread, if it dies.
     on_failure: Callable[[str], None] | None
+    # False: the pipeline renders the chat template and tokenizes (llama.cpp, MLX). True: the
+    # engine gets the request as text (`GenerationRequest.text`) and something else applies
+    # the template and tokenizer (an upstream server); such an engine may refuse a request
+    # after `submit` (a `Finished` error with a `failure`), so the pipeline waits for each
+    # choice's first event before answering.
+    takes_text: bool
 
     def load(self) -> None:
         """Load weights (blocking; called from a worker thread)."""

@@ -119,6 +119,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class LlamaCppEngine:
     """A loaded GGUF model serving many requests at once through llama.cpp."""
 
+    takes_text = False  # the pipeline renders and tokenizes for it
+
     def __init__(self, info: ModelInfo, options: EngineOptions | None = None) -> None:
         self.info = info
         self.options = options or EngineOptions()

@@ -107,6 +107,8 @@ _atexit_registered = False
 class MlxEngine:
     """A loaded MLX model directory serving many requests at once through mlx-lm."""
 
+    takes_text = False  # the pipeline renders and tokenizes for it
+
     def __init__(self, info: ModelInfo, options: EngineOptions | None = None) -> None:
         self.info = info
         self.options = options or EngineOptions()
