@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from functools import wraps
@@ -13,24 +12,29 @@ from typing import Any, ClassVar
 
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
-from textual.containers import VerticalScroll
 from textual.css.query import NoMatches
 from textual.message import Message
-from textual.screen import ModalScreen, Screen
-from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
+from textual.screen import Screen
+from textual.widgets import Footer, Header, TabbedContent, TabPane
 
+from lmx_tui.logs import LogPosted, LogRouting, PostingHandler
 from lmx_tui.monitor import MonitorSampler, SamplerThread, SnapshotReady
+from lmx_tui.widgets.budget import BudgetBar
 from lmx_tui.widgets.chat import ChatPane
 from lmx_tui.widgets.downloads import DownloadsPane
 from lmx_tui.widgets.gauges import GaugesPane
-from lmx_tui.widgets.hub import HubPane
+from lmx_tui.widgets.help import HelpScreen
+from lmx_tui.widgets.hub import HubPane, PulledPrompt
+from lmx_tui.widgets.load_prompt import LoadPrompt
 from lmx_tui.widgets.models import ModelBrowser
-from lmx_tui.widgets.requests import RequestsPane
+from lmx_tui.widgets.requests import RequestDetailScreen, RequestsPane
+from server import hub
 from server.errors import LmxError
 from server.events import LmxEvent
+from server.load_preview import apply_option, hub_repo, preview_load
 from server.runner import PortInUse, ServerThread
 from server.runtime import Runtime
-from server.settings import ConfigStore
+from server.settings import ConfigStore, state_dir
 from server.telemetry import RequestRecord, SystemSnapshot
 
 TABS = (
@@ -65,35 +69,16 @@ class RuntimeEvent(Message):
         self.event = event
 
 
+class SettingsChanged(Message):
+    """The settings changed (a reload, or an option chosen here): budgets and fits move."""
+
+
 class RequestFinished(Message):
     """An API request ended (posted from the server's thread)."""
 
     def __init__(self, record: RequestRecord) -> None:
         super().__init__()
         self.record = record
-
-
-class LogLine(Message):
-    """A server log line."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-
-class _PostingHandler(logging.Handler):
-    def __init__(self, post: Callable[[Message], object]) -> None:
-        super().__init__(logging.INFO)
-        self.post = post
-        self.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-        )
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.post(LogLine(self.format(record)))
-        except Exception:
-            self.handleError(record)
 
 
 def _while_mounted(handler: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
@@ -105,24 +90,6 @@ def _while_mounted(handler: Callable[[Any, Any], None]) -> Callable[[Any, Any], 
             handler(self, message)
 
     return guarded
-
-
-class HelpScreen(ModalScreen[None]):
-    """Every binding of the app and of the pane in focus."""
-
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,f1", "dismiss", "Close")]
-
-    def __init__(self, rows: list[tuple[str, str]]) -> None:
-        super().__init__()
-        self.rows = rows
-
-    def compose(self) -> ComposeResult:
-        width = max(len(k) for k, _ in self.rows)
-        text = "\n".join(f"  {k.ljust(width)}  {d}" for k, d in self.rows)
-        with VerticalScroll(id="help-box"):
-            yield Static(
-                f"[b]lmx keys[/b]\n\n{text}\n\n  esc closes this help", id="help-text", markup=True
-            )
 
 
 class LmxApp(App[None]):
@@ -157,6 +124,7 @@ class LmxApp(App[None]):
         server_note: str = "",
         system_sampler: Callable[[], SystemSnapshot] | None = None,
         sample_interval: float = 0.5,
+        log_handler: PostingHandler | None = None,
     ) -> None:
         super().__init__()
         self.rt = rt
@@ -166,7 +134,10 @@ class LmxApp(App[None]):
         self._interval = sample_interval
         self._thread: SamplerThread | None = None
         self._unsubscribe: list[Callable[[], None]] = []
-        self._log_handler = _PostingHandler(self.post_message)
+        # run_tui routes the logs before anything starts; an app built alone (tests) here.
+        self._log_handler = log_handler or PostingHandler()
+        self._routing = None if log_handler else LogRouting(self._log_handler, None)
+        self._pulls: dict[str, str] = {}  # download id -> repository, for the Hub's status
 
     # ----- layout ------------------------------------------------------------------------
 
@@ -200,8 +171,12 @@ class LmxApp(App[None]):
         self._unsubscribe.append(
             self.rt.requests.subscribe(lambda rec: self.post_message(RequestFinished(rec)))
         )
-        for name in ("server", "uvicorn.error"):
-            logging.getLogger(name).addHandler(self._log_handler)
+        self._unsubscribe.append(
+            self.rt.config.subscribe(lambda old, new: self.post_message(SettingsChanged()))
+        )
+        if self._routing is not None:
+            self._routing.open()
+        self._log_handler.attach(self.post_message)
         self.refresh_models()
         self._thread = SamplerThread(self._sampler, self.post_message, self._interval)
         self._thread.start()
@@ -212,8 +187,9 @@ class LmxApp(App[None]):
             self._thread.stop()
         for fn in self._unsubscribe:
             fn()
-        for name in ("server", "uvicorn.error"):
-            logging.getLogger(name).removeHandler(self._log_handler)
+        self._log_handler.attach(None)
+        if self._routing is not None:
+            self._routing.close()
 
     # ----- state down ----------------------------------------------------------------------
 
@@ -239,10 +215,18 @@ class LmxApp(App[None]):
     def on_runtime_event(self, message: RuntimeEvent) -> None:
         ev = message.event
         if ev.kind.startswith("download_"):
-            self.query_one(DownloadsPane).show(self.rt.downloads.list())
+            downloads = self.rt.downloads.list()
+            self.query_one(DownloadsPane).show(downloads)
+            job = next((d for d in downloads if d.id == ev.detail.get("id")), None)
+            if job is not None and job.id in self._pulls:
+                self.query_one(HubPane).show_download(job)
             if ev.kind == "download_done":
                 self.refresh_models()
-                self.notify(f"downloaded {ev.model}")
+                repo = self._pulls.pop(str(ev.detail.get("id")), None)
+                if repo is not None and job is not None:
+                    self._offer(repo, job.filename)
+                else:
+                    self.notify(f"downloaded {ev.model}")
             elif ev.kind == "download_failed":
                 self.notify(f"{ev.model}: {ev.detail.get('error')}", severity="error")
             return
@@ -256,27 +240,94 @@ class LmxApp(App[None]):
             self.notify(f"{ev.model}: {ev.detail.get('error')}", severity="error")
         self.refresh_models()
 
+    def _offer(self, repo: str, filename: str) -> None:
+        """A pull from the Hub finished: offer to load it and chat."""
+        try:
+            info = self.rt.catalog.resolve(f"{repo}/{filename.removesuffix('.gguf')}".lower())
+        except LmxError:
+            self.notify(f"downloaded {filename}")
+            return
+
+        def chosen(choice: str | None) -> None:
+            if choice == "load":
+                self.ask_load(info.id)
+            elif choice == "chat":
+                self.action_tab("chat")
+                self.query_one(ChatPane).choose(info.id)
+
+        self.push_screen(PulledPrompt(info.id), chosen)
+
     @_while_mounted
     def on_snapshot_ready(self, message: SnapshotReady) -> None:
         with self.batch_update():
             self.query_one(GaugesPane).apply(message.snapshot)
+            self.query_one("#models-budget", BudgetBar).apply(message.snapshot.memory)
+            self.query_one(RequestsPane).show_in_flight(message.snapshot.requests)
             busy = {m.model: self._state(m.model, m.state) for m in message.snapshot.models}
             browser = self.query_one(ModelBrowser)
             if busy != {k: v for k, v in browser.states.items() if k in busy}:
                 browser.show(browser.models, {**browser.states, **busy})
 
     @_while_mounted
+    def on_settings_changed(self, message: SettingsChanged) -> None:
+        self.refresh_models()
+
+    @_while_mounted
     def on_request_finished(self, message: RequestFinished) -> None:
         self.query_one(RequestsPane).add(message.record)
 
     @_while_mounted
-    def on_log_line(self, message: LogLine) -> None:
-        self.query_one(RequestsPane).log_line(message.text)
+    def on_log_posted(self, message: LogPosted) -> None:
+        self.query_one(RequestsPane).log_entry(message.entry)
 
     # ----- intents up ----------------------------------------------------------------------
 
     def on_model_browser_load(self, message: ModelBrowser.Load) -> None:
-        self.run_worker(self._load(message.model_id), group="models")
+        self.ask_load(message.model_id)
+
+    def ask_load(self, model_id: str) -> None:
+        """Load, after asking when it would evict, wait, or cannot fit."""
+        self.run_worker(self._ask_load(model_id), group="models")
+
+    async def _ask_load(self, model_id: str) -> None:
+        sched = self.rt.scheduler
+        try:
+            info = self.rt.catalog.resolve(model_id)
+            preview = await asyncio.to_thread(preview_load, sched, info)
+        except LmxError as e:
+            self.notify(e.message, severity="error")
+            return
+        if preview.loaded:
+            self.notify(f"{model_id} is already loaded")
+            return
+        note = ""
+        repo = hub_repo(info)
+        if not preview.fits_alone and repo:
+            try:
+                listing = await asyncio.to_thread(hub.listing, repo, sched.budget)
+                preview = await asyncio.to_thread(
+                    preview_load, sched, info, None, None, listing["files"]
+                )
+            except LmxError as e:
+                note = f"(the hub was not asked for smaller quantizations: {e.message})"
+        if preview.fits and not preview.victims:
+            await self._load(model_id)
+            return
+        sizes = {}
+        for other in (*preview.victims, *preview.blocked_by):
+            lm = sched.get(other)
+            sizes[other] = lm.estimate.total if lm else 0
+        choice = await self.push_screen_wait(LoadPrompt(preview, sizes, note))
+        if choice == "load":
+            await self._load(model_id)
+        elif choice and choice.startswith("option:"):
+            option = preview.options[int(choice.split(":")[1])]
+            if option.kind == "quantization" and option.repo and option.file:
+                await self._pull(option.repo, option.file)
+                return
+            apply_option(self.rt.config, model_id, option)
+            self.notify(f"{model_id}: ctx {option.ctx}, {option.parallel} slot(s) from now on")
+            await self._ask_load(model_id)
 
     async def _load(self, model_id: str) -> None:
         try:
@@ -305,8 +356,10 @@ class LmxApp(App[None]):
         except LmxError as e:
             self.notify(e.message, severity="error")
             return
+        for j in jobs:
+            self._pulls[j.id] = repo
         self.query_one(DownloadsPane).show(self.rt.downloads.list())
-        self.notify(f"downloading {len(jobs)} file(s) from {repo} (F7)")
+        self.query_one(HubPane).show_download(jobs[0])
 
     def on_downloads_pane_act(self, message: DownloadsPane.Act) -> None:
         queue = self.rt.downloads
@@ -318,6 +371,17 @@ class LmxApp(App[None]):
         pinned = self.rt.scheduler.is_pinned(message.model_id)
         self.rt.scheduler.pin(message.model_id, not pinned)
         self.notify(f"{'unpinned' if pinned else 'pinned'} {message.model_id}")
+        self.refresh_models()
+
+    def on_requests_pane_cancel(self, message: RequestsPane.Cancel) -> None:
+        if self.rt.service.cancel(message.request_id):
+            self.notify(f"cancelled {message.request_id}")
+        else:
+            self.notify(f"{message.request_id} is no longer running", severity="warning")
+
+    def on_requests_pane_detail(self, message: RequestsPane.Detail) -> None:
+        rec = message.record
+        self.push_screen(RequestDetailScreen(rec, self.rt.requests.detail(rec.id)))
 
     def on_model_browser_rescan(self, message: ModelBrowser.Rescan) -> None:
         self.run_worker(self._rescan(), group="models")
@@ -378,7 +442,7 @@ class LmxApp(App[None]):
             yield SystemCommand(
                 f"Load {m.id}",
                 f"{m.architecture} · {m.quantization}",
-                lambda i=m.id: self.run_worker(self._load(i), group="models"),
+                lambda i=m.id: self.ask_load(i),
             )
         for lm in self.rt.scheduler.loaded():
             yield SystemCommand(
@@ -399,14 +463,23 @@ def start_server(rt: Runtime) -> tuple[ServerThread | None, str]:
         return None, f"server off: {e}"
 
 
+def log_file() -> Path:
+    """Where the app's log goes while it runs (the screen has the log pane)."""
+    return state_dir() / "lmx.log"
+
+
 def run_tui(config: ConfigStore, *, serve: bool = True) -> None:
-    """`lmx`: the app on the main thread, the HTTP server on a worker thread."""
-    rt = Runtime(config)
-    rt.watch_config()
-    server, note = start_server(rt) if serve else (None, "server off")
-    try:
-        LmxApp(rt, server=server, server_note=note).run()
-    finally:
-        if server is not None:
-            server.stop()
-        rt.close()
+    """`lmx`: the app on the main thread, the HTTP server on a worker thread. Every log
+    record goes to the log pane and the log file, from before anything starts until the end."""
+    handler = PostingHandler()
+    with LogRouting(handler, log_file()) as routing:
+        rt = Runtime(config)
+        rt.watch_config()
+        server, note = start_server(rt) if serve else (None, "server off")
+        routing.sweep()  # the HTTP app (Litestar) configured logging of its own
+        try:
+            LmxApp(rt, server=server, server_note=note, log_handler=handler).run()
+        finally:
+            if server is not None:
+                server.stop()
+            rt.close()

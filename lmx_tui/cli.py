@@ -15,8 +15,14 @@ def run_app(config: ConfigStore, serve: bool) -> None:
     run_tui(config, serve=serve)
 
 
+def run_web(config: ConfigStore, host: str, port: int, argv: list[str]) -> None:
+    from lmx_tui.web import serve_web
+
+    serve_web(config, host, port, argv)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    server_main(argv, run_app=run_app)
+    server_main(argv, run_app=run_app, run_web=run_web)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,17 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from textual.message import Message
 
+from server.pipeline import RunStatus
 from server.runtime import Runtime
 from server.telemetry import SystemSampler, SystemSnapshot
+
+RATE_WINDOW = 2.0  # seconds over which a model's tokens/s is measured
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,29 @@ class ModelStat:
     tokens_total: int
     tokens_per_s: float
     ttft_ms: float | None
+    slot_states: tuple[tuple[str, int], ...] = ()  # (idle | prefill | decode, cached tokens)
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    """One loaded model's share of the budget."""
+
+    model: str
+    by_device: tuple[tuple[str, int], ...]  # the estimate, per device
+    estimate: int
+    measured: int
+    pinned: bool
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    """The budget per device and what the loaded models take of it."""
+
+    budgets: tuple[tuple[str, int], ...]
+    models: tuple[ModelMemory, ...]
+
+    def used(self, device: str) -> int:
+        return sum(b for m in self.models for d, b in m.by_device if d == device)
 
 
 @dataclass(frozen=True)
@@ -34,6 +61,8 @@ class MonitorSnapshot:
 
     system: SystemSnapshot
     models: tuple[ModelStat, ...]
+    memory: MemorySnapshot = MemorySnapshot((), ())
+    requests: tuple[RunStatus, ...] = ()
 
 
 class SnapshotReady(Message):
@@ -53,7 +82,9 @@ class MonitorSampler:
     def __init__(self, rt: Runtime, system: Callable[[], SystemSnapshot] | None = None):
         self.rt = rt
         self._system = system or SystemSampler().sample
-        self._last: dict[str, tuple[float, int]] = {}
+        # (time, tokens generated) per model over the last RATE_WINDOW seconds: a rate from
+        # one sampling interval alone jumps between 0 and a burst.
+        self._seen: dict[str, deque[tuple[float, int]]] = {}
 
     def sample(self) -> MonitorSnapshot:
         now = time.monotonic()
@@ -62,14 +93,28 @@ class MonitorSampler:
         for rec in self.rt.requests.recent(200):
             if rec.model and rec.ttft_ms is not None:
                 last_ttft[rec.model] = rec.ttft_ms
-        for lm in self.rt.scheduler.loaded():
+        sched = self.rt.scheduler
+        shares = []
+        for lm in sched.loaded():
+            shares.append(
+                ModelMemory(
+                    lm.info.id,
+                    tuple(lm.estimate.by_device().items()),
+                    lm.estimate.total,
+                    lm.measured,
+                    sched.is_pinned(lm.info.id),
+                )
+            )
             if lm.engine is None:
                 continue
             st = lm.engine.stats()
             total = int(st["tokens_generated"])
-            t0, n0 = self._last.get(lm.info.id, (now, total))
+            seen = self._seen.setdefault(lm.info.id, deque())
+            seen.append((now, total))
+            while len(seen) > 2 and now - seen[1][0] >= RATE_WINDOW:
+                seen.popleft()
+            t0, n0 = seen[0]
             rate = (total - n0) / (now - t0) if now > t0 else 0.0
-            self._last[lm.info.id] = (now, total)
             models.append(
                 ModelStat(
                     model=lm.info.id,
@@ -80,9 +125,13 @@ class MonitorSampler:
                     tokens_total=total,
                     tokens_per_s=max(0.0, rate),
                     ttft_ms=last_ttft.get(lm.info.id),
+                    slot_states=tuple(tuple(x) for x in st.get("slot_states", ())),
                 )
             )
-        return MonitorSnapshot(self._system(), tuple(models))
+        memory = MemorySnapshot(tuple(sched.budgets().items()), tuple(shares))
+        return MonitorSnapshot(
+            self._system(), tuple(models), memory, tuple(self.rt.service.in_flight())
+        )
 
 
 class SamplerThread(threading.Thread):

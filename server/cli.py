@@ -28,6 +28,9 @@ from server.settings import (
 from server.units import human_params, human_size
 
 RunApp = Callable[[ConfigStore, bool], None]
+# The app in a browser: (config, host, port, the argv each browser session's app runs with).
+RunWeb = Callable[[ConfigStore, str, int, list[str]], None]
+DEFAULT_WEB_PORT = 8422
 
 
 class CliError(Exception):
@@ -76,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument(
+        "--web",
+        action="store_true",
+        help="serve the app in a browser (on --host, the same API key rules as the API)",
+    )
+    parser.add_argument(
+        "--web-port",
+        type=int,
+        default=DEFAULT_WEB_PORT,
+        metavar="N",
+        help=f"the browser app's port (default {DEFAULT_WEB_PORT})",
     )
     _settings_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -128,10 +143,33 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def main(argv: Sequence[str] | None = None, *, run_app: RunApp | None = None) -> None:
-    """`lmx`. `run_app` opens the terminal app (the console script passes lmx_tui's)."""
+def web_session_argv(argv: Sequence[str]) -> list[str]:
+    """The command line of the app a browser session runs: this one without --web."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--web" or a.startswith("--web-port="):
+            continue
+        elif a == "--web-port":
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    run_app: RunApp | None = None,
+    run_web: RunWeb | None = None,
+) -> None:
+    """`lmx`. `run_app` opens the terminal app, `run_web` serves it to browsers (the console
+    script passes lmx_tui's)."""
     from server.errors import LmxError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args)
@@ -159,6 +197,13 @@ def main(argv: Sequence[str] | None = None, *, run_app: RunApp | None = None) ->
             cmd_rm(config, args.model)
         elif args.no_ui:
             cmd_serve(config, args.log_level)
+        elif args.web:
+            if run_web is None:
+                raise CliError("the browser app is not available here; use lmx --no-ui")
+            refusal = settings.bind_refusal()
+            if refusal:
+                raise CliError(refusal)
+            run_web(config, settings.host, args.web_port, web_session_argv(argv))
         elif run_app is not None:
             run_app(config, not args.no_server)
         else:

@@ -49,6 +49,9 @@ QUALITY = [
 ]
 # A model needs about its file size plus KV cache and buffers; 20% covers modest contexts.
 FIT_OVERHEAD = 1.2
+# huggingface_hub retries a connection that fails for about half a minute; lmx first asks
+# whether the hub answers at all, so that no network is reported within a few seconds.
+REACH_TIMEOUT = 3.0
 
 
 class HubError(LmxError):
@@ -97,6 +100,20 @@ def _one_line(e: Exception) -> str:
     return text[0] if text else type(e).__name__
 
 
+def check_reachable(timeout: float = REACH_TIMEOUT) -> None:
+    """Raise HubError at once when the hub does not answer (any HTTP answer will do)."""
+    import httpx
+
+    url = endpoint()
+    try:
+        httpx.head(url, timeout=timeout)
+    except httpx.HTTPError as e:
+        raise HubError(
+            f"the hub at {url} cannot be reached ({_one_line(e)}); check the network "
+            "(or HF_ENDPOINT)"
+        ) from e
+
+
 def search(query: str, *, sort: str = "downloads", limit: int = 20) -> list[dict[str, Any]]:
     """Repositories with GGUF files matching `query`, most downloaded (or liked) first."""
     from huggingface_hub import HfApi
@@ -108,6 +125,7 @@ def search(query: str, *, sort: str = "downloads", limit: int = 20) -> list[dict
         order = "likes"
     else:
         raise InvalidRequest("sort must be 'downloads' or 'likes'", param="sort")
+    check_reachable()
     try:
         models = HfApi(endpoint=endpoint()).list_models(
             search=query, filter="gguf", sort=order, limit=limit
@@ -122,6 +140,7 @@ def repo_files(repo: str, budget: int, revision: str = "main") -> dict[str, Any]
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
+    check_reachable()
     try:
         info = HfApi(endpoint=endpoint()).model_info(repo, revision=revision, files_metadata=True)
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
@@ -192,3 +211,22 @@ def pick(listing: dict[str, Any], quant: str | None, filename: str | None) -> An
     if name is None:
         raise ValueError(f"no GGUF file in {listing['repo']} fits the memory budget")
     return next(g for g in choices if g.name == name)
+
+
+def summary(listing: dict[str, Any]) -> dict[str, Any]:
+    """A repository listing in one line: its size range, its quantizations, those that fit."""
+    files = listing["files"]
+    sizes = [f["size"] for f in files]
+    rank = {q: i for i, q in enumerate(QUALITY)}
+
+    def order(q: str) -> int:
+        return rank.get(q, len(QUALITY))
+
+    return {
+        "repo": listing["repo"],
+        "size_min": min(sizes, default=0),
+        "size_max": max(sizes, default=0),
+        "quantizations": sorted({f["quantization"] or "?" for f in files}, key=order),
+        "fit": sorted({f["quantization"] or "?" for f in files if f["fits"]}, key=order),
+        "recommended": listing["recommended"],
+    }

@@ -13,18 +13,35 @@ A front end builds a `GenerateRequest` from its dialect, calls `GenerationServic
 (every error it raises is an `LmxError`, before anything is streamed), then reads
 `Run.events()` or awaits `Run.result()`, translating events into its own wire format. It holds
 no lease, validation, template or recording logic of its own.
+
+Chat replies are parsed here, one parser per choice (`server.chat_output`): thinking is split
+out of the answer (`Reasoning`) and tool calls come as `CallStart` / `CallDelta` / `CallEnd`,
+so every dialect reads the same events and only spells them its own way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from server.catalog import Catalog
+from server.chat_output import (
+    ChatOutput,
+    ChatOutputParser,
+    ContentDelta,
+    OutputEvent,
+    ReasoningDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallStart,
+)
 from server.engines.base import (
     Engine,
     Finished,
@@ -44,9 +61,17 @@ from server.errors import (
 )
 from server.grammar import json_grammar
 from server.keys import ApiKey, Permit, current_key
+from server.reasoning import (
+    THINK_END,
+    THINK_START,
+    ThinkSplitter,
+    prompt_opens_thinking,
+    template_thinks,
+)
 from server.scheduler import Lease, Scheduler
 from server.settings import PresetConfig
-from server.telemetry import RequestLog, RequestRecord
+from server.telemetry import RequestDetail, RequestLog, RequestRecord
+from server.toolcalls import AUTO, NONE, ToolCallPlan, ToolChoice, ToolSpec, plan_tool_calls
 
 # Bounds every front end gets (the OpenAPI schema of /v1 and /api states the same ones).
 SAMPLING_BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
@@ -61,6 +86,13 @@ SAMPLING_BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
 }
 MAX_STOP = 16
 MAX_CHOICES = 16
+# What a finished request's detail view keeps (bounded: the log holds DETAIL_RECORDS of them).
+DETAIL_CHARS = 16_000  # of the reply
+DETAIL_MESSAGE_CHARS = 4_000  # of each message
+DETAIL_MESSAGES = 32  # the last ones
+_RUN_IDS = itertools.count(1)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -95,10 +127,15 @@ class Sampling:
 
 @dataclass
 class GenerateRequest:
-    """What a front end asks for, in no dialect. Exactly one of `messages` or `prompts`."""
+    """What a front end asks for, in no dialect. Exactly one of `messages` or `prompts`.
+
+    Messages are OpenAI-shaped dicts: `role`, `content` (text), `name`; an assistant's
+    `tool_calls` (`[{"id", "function": {"name", "arguments"}}]`, arguments as JSON text or an
+    object); a `role: tool` result's `tool_call_id` (and `name`).
+    """
 
     model: str
-    messages: list[dict[str, Any]] | None = None  # role, content (text), name
+    messages: list[dict[str, Any]] | None = None
     prompts: list[str] | None = None  # text completion: one choice (x n) per prompt
     raw: bool = False  # prompts may contain special tokens (Ollama's raw mode)
     max_tokens: int | None = None
@@ -107,9 +144,15 @@ class GenerateRequest:
     n: int = 1
     json_schema: dict[str, Any] | None = None
     json_mode: bool = False  # any JSON object (json_schema None) or one matching json_schema
+    grammar: str | None = None  # a GBNF the reply must follow (llama.cpp's `grammar` field)
     logit_bias: dict[int, float] = field(default_factory=dict)
     ignore_eos: bool = False
     keep_alive: float | None = None
+    tools: list[ToolSpec] = field(default_factory=list)
+    tool_choice: ToolChoice | None = None  # None: auto when there are tools, else none
+    parallel_tool_calls: bool = True
+    # Ask the template to think (True), not to (False), or leave it to the template (None).
+    think: bool | None = None
     label: str = "api"  # who asked: openai, ollama, tui, cli ... (request log, metrics)
     path: str = ""  # the route, for the request log
     param_prefix: str = ""  # how the dialect names sampling fields in errors ("options.")
@@ -117,32 +160,118 @@ class GenerateRequest:
     # for the request being served, so no adapter has to pass it along.
     key: ApiKey | None = field(default_factory=current_key.get)
 
+    @property
+    def choice(self) -> ToolChoice:
+        """The tool choice in force."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return AUTO if self.tools else NONE
+
 
 @dataclass(frozen=True)
 class Delta:
-    """Generated text for choice `index`."""
+    """Answer text for choice `index` (all of the text, when nothing is parsed out of it)."""
 
     index: int
     text: str
 
 
 @dataclass(frozen=True)
+class Reasoning:
+    """Thinking text for choice `index`, split out of the answer."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class CallStart:
+    """Choice `index` began tool call number `call`: its id and the function's name."""
+
+    index: int
+    call: int
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class CallDelta:
+    """A fragment of a call's arguments (the fragments join to its JSON text)."""
+
+    index: int
+    call: int
+    arguments: str
+
+
+@dataclass(frozen=True)
+class CallEnd:
+    """A call ended. `complete` False: the reply stopped before the call closed (`raw` is the
+    model's text of it, which `result()` gives back as content)."""
+
+    index: int
+    call: int
+    id: str
+    name: str
+    arguments: str
+    complete: bool = True
+    raw: str = ""
+
+
+@dataclass(frozen=True)
 class Done:
-    """Choice `index` ended; `finished` holds its reason, usage and timings."""
+    """Choice `index` ended; `finished` holds the engine's reason, usage and timings, and
+    `tool_calls` how many complete calls the choice made."""
 
     index: int
     finished: Finished
+    tool_calls: int = 0
+
+    @property
+    def reason(self) -> str:
+        """The finish reason to report: `tool_calls` when calls ended the reply."""
+        if self.tool_calls and self.finished.reason == "stop":
+            return "tool_calls"
+        return self.finished.reason
 
 
-RunEvent = Delta | Done
+RunEvent = Delta | Reasoning | CallStart | CallDelta | CallEnd | Done
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """One request in flight at one instant (the Requests tab, GET /admin/requests)."""
+
+    id: str
+    model: str
+    source: str
+    path: str
+    started: float  # wall clock
+    age_s: float
+    phase: str  # queued, prefill or decode (the most advanced of its choices)
+    slots: tuple[int, ...]
+    prompt_tokens: int
+    prompt_done: int
+    generated: int
+    cached: int
+    tokens_per_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["slots"] = list(self.slots)
+        out["age_s"] = round(self.age_s, 3)
+        out["tokens_per_s"] = round(self.tokens_per_s, 2)
+        return out
 
 
 @dataclass
 class RunResult:
-    """A whole run, for non-streaming responses."""
+    """A whole run, for non-streaming responses: per choice its answer text (`texts`), its
+    parsed reply (`outputs`: content, reasoning, tool calls) and how it ended."""
 
     texts: list[str]
     finished: list[Finished]
+    outputs: list[ChatOutput] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -158,6 +287,31 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """A request made ready for its engine: the prompt tokens, the grammar, and how to read
+    the reply (tool-call plan, reasoning split)."""
+
+    tokens: list[list[int]]
+    grammar: str | None = None
+    plan: ToolCallPlan | None = None
+    split_reasoning: bool = False
+    starts_thinking: bool = False  # the template opened a thinking block for the reply
+    # Control tokens the engine must give as text: the markers the parsers read.
+    preserved_tokens: frozenset[int] = frozenset()
+    text: str | None = None  # the rendered chat prompt, when asked for
+
+    def parser(self) -> ChatOutputParser | None:
+        """A fresh parser for one reply (None: the text is all answer)."""
+        tools = self.plan.new_parser() if self.plan is not None else None
+        reasoning = (
+            ThinkSplitter(starts_inside=self.starts_thinking) if self.split_reasoning else None
+        )
+        if tools is None and reasoning is None:
+            return None
+        return ChatOutputParser(reasoning=reasoning, tools=tools)
+
+
 class Run:
     """One submitted request: its events, its lease, its record. Use `events()` or `result()`,
     and `aclose()` if neither ran to the end (both close it themselves when they do)."""
@@ -167,7 +321,7 @@ class Run:
         service: GenerationService,
         lease: Lease,
         request: GenerateRequest,
-        prompts: list[list[int]],
+        prompt: Prompt,
         requests: list[GenerationRequest],
         started: float,
         permit: Permit | None = None,
@@ -178,14 +332,22 @@ class Run:
         self.request = request
         self.model_id = lease.model.info.id
         self.load_seconds = lease.load_seconds
-        self.prompts = prompts
+        self.prompt = prompt
+        self.prompts = prompt.tokens
         self.choices = len(requests)
         self.started = started
+        self.id = f"req-{next(_RUN_IDS)}"
+        self.started_at = time.time()
         self.finished: list[Finished | None] = [None] * len(requests)
+        self.texts: list[list[str]] = [[] for _ in requests]  # for the detail view (bounded)
+        self._kept = 0
+        self._parsers = [prompt.parser() for _ in requests]
+        self._calls = [0] * len(requests)
         self._queue: asyncio.Queue[tuple[int, TokenText | Finished]] = asyncio.Queue()
         self._early: deque[tuple[int, TokenText | Finished]] = deque()  # read by opened()
         self._gens: list[Generation] = []
         self._closed = False
+        self._cancelled = False  # by the operator (cancel()), not by an unload
         loop = asyncio.get_running_loop()
         try:
             for i, r in enumerate(requests):
@@ -227,35 +389,90 @@ class Run:
             for g in self._gens:
                 g.cancel()
             self.lease.release()
+            if self.permit is not None:
+                self.permit.release()
+            self.service._forget(self)
             raise
 
+    @property
+    def prompt_tokens(self) -> int:
+        """The first prompt's length (known before anything is generated)."""
+        return len(self.prompts[0]) if self.prompts else 0
+
+    def _translate(self, i: int, events: list[OutputEvent]) -> list[RunEvent]:
+        out: list[RunEvent] = []
+        for e in events:
+            if isinstance(e, ContentDelta):
+                out.append(Delta(i, e.text))
+            elif isinstance(e, ReasoningDelta):
+                out.append(Reasoning(i, e.text))
+            elif isinstance(e, ToolCallStart):
+                out.append(CallStart(i, e.index, e.id, e.name))
+            elif isinstance(e, ToolCallDelta):
+                out.append(CallDelta(i, e.index, e.arguments))
+            elif isinstance(e, ToolCallEnd):
+                self._calls[i] += e.complete
+                out.append(CallEnd(i, e.index, e.id, e.name, e.arguments, e.complete, e.raw))
+        return out
+
     async def events(self) -> AsyncIterator[RunEvent]:
-        """Text as it is generated and one `Done` per choice; closes the run at the end."""
+        """Parsed output as it is generated and one `Done` per choice; closes the run at the
+        end."""
         try:
             while not self.done:
                 i, ev = self._early.popleft() if self._early else await self._queue.get()
+                parser = self._parsers[i]
                 if isinstance(ev, TokenText):
-                    yield Delta(i, ev.text)
+                    if self._kept < DETAIL_CHARS:  # the model's text, for the detail view
+                        self.texts[i].append(ev.text)
+                        self._kept += len(ev.text)
+                    if parser is None:
+                        yield Delta(i, ev.text)
+                        continue
+                    for out in self._translate(i, parser.feed(ev.text)):
+                        yield out
                 else:
-                    if ev.reason == "cancelled" and not self._closed:
+                    if ev.reason == "cancelled" and not (self._closed or self._cancelled):
                         # Nobody here cancelled it: the model was unloaded or lmx is stopping.
                         # The client gets an error in its dialect, not a quiet end.
                         why = self.service.scheduler.why_stopped(self.model_id)
                         ev = replace(ev, reason="error", error=why)
+                    if parser is not None:
+                        for out in self._translate(i, parser.finish()):
+                            yield out
                     self.finished[i] = ev
-                    yield Done(i, ev)
+                    yield Done(i, ev, self._calls[i])
         finally:
             await self.aclose()
 
     async def result(self) -> RunResult:
-        texts = [""] * self.choices
-        parts: list[list[str]] = [[] for _ in range(self.choices)]
+        """Every choice whole: answer, reasoning, complete tool calls, finish reason."""
+        content: list[list[str]] = [[] for _ in range(self.choices)]
+        reasoning: list[list[str]] = [[] for _ in range(self.choices)]
+        calls: list[list[ToolCall]] = [[] for _ in range(self.choices)]
+        reasons = [""] * self.choices
         async for ev in self.events():
             if isinstance(ev, Delta):
-                parts[ev.index].append(ev.text)
-        for i in range(self.choices):
-            texts[i] = "".join(parts[i])
-        return RunResult(texts, [f for f in self.finished if f is not None])
+                content[ev.index].append(ev.text)
+            elif isinstance(ev, Reasoning):
+                reasoning[ev.index].append(ev.text)
+            elif isinstance(ev, CallEnd):
+                if ev.complete:
+                    calls[ev.index].append(ToolCall(ev.id, ev.name, ev.arguments))
+                else:
+                    content[ev.index].append(ev.raw)
+            elif isinstance(ev, Done):
+                reasons[ev.index] = ev.reason
+        outputs = [
+            ChatOutput("".join(content[i]), "".join(reasoning[i]), calls[i])
+            for i in range(self.choices)
+        ]
+        return RunResult(
+            [o.content for o in outputs],
+            [f for f in self.finished if f is not None],
+            outputs,
+            reasons,
+        )
 
     def usage(self) -> Usage:
         done = [f for f in self.finished if f is not None]
@@ -266,6 +483,38 @@ class Run:
             completion_tokens=sum(f.completion_tokens for f in done),
             cached_tokens=sum(f.cached_tokens for f in firsts),
         )
+
+    def status(self) -> RunStatus:
+        """Where this request is now, from the engine's live counters."""
+        now = time.perf_counter()
+        progs = [(g.progress, len(g.request.prompt_tokens)) for g in self._gens]
+        order = {"queued": 0, "prefill": 1, "decode": 2}
+        phase = max((p.phase(n) for p, n in progs), key=order.__getitem__, default="queued")
+        generated = sum(p.generated for p, _ in progs)
+        firsts = [p.first_token_at for p, _ in progs if p.first_token_at is not None]
+        span = now - min(firsts) if firsts else 0.0
+        return RunStatus(
+            id=self.id,
+            model=self.model_id,
+            source=self.request.label,
+            path=self.request.path,
+            started=self.started_at,
+            age_s=now - self.started,
+            phase=phase,
+            slots=tuple(p.slot for p, _ in progs if p.slot is not None),
+            prompt_tokens=sum(n for _, n in progs),  # over its choices, as prompt_done
+            prompt_done=sum(p.prompt_done for p, _ in progs),
+            generated=generated,
+            cached=sum(p.cached for p, _ in progs),
+            tokens_per_s=generated / span if span > 0.05 else 0.0,
+        )
+
+    def cancel(self) -> None:
+        """Stop generating (the operator's cancel): each choice ends with reason `cancelled`
+        and the client gets the end of its response."""
+        self._cancelled = True
+        for g in self._gens:
+            g.cancel()
 
     @property
     def error(self) -> str | None:
@@ -284,6 +533,7 @@ class Run:
         self.lease.release()
         if self.permit is not None:
             self.permit.release()
+        self.service._forget(self)
         status = 200 if self.done else 499  # the client went away first
         if self.error is not None:
             status = 503
@@ -297,6 +547,33 @@ class GenerationService:
         self.catalog = catalog
         self.scheduler = scheduler
         self.requests = requests
+        self._active: dict[str, Run] = {}
+        self._lock = threading.Lock()
+
+    def in_flight(self) -> list[RunStatus]:
+        """Every request being generated now, oldest first (any thread)."""
+        with self._lock:
+            runs = list(self._active.values())
+        return [r.status() for r in runs]
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a request in flight (the app's key, POST /admin/requests/{id}/cancel).
+        False when no such request is running."""
+        with self._lock:
+            run = self._active.get(request_id)
+        if run is None:
+            return False
+        run.cancel()
+        return True
+
+    def _track(self, run: Run) -> Run:
+        with self._lock:
+            self._active[run.id] = run
+        return run
+
+    def _forget(self, run: Run) -> None:
+        with self._lock:
+            self._active.pop(run.id, None)
 
     async def start(self, req: GenerateRequest) -> Run:
         """Resolve, validate, lease, render and submit; every failure is an LmxError."""
@@ -306,6 +583,7 @@ class GenerationService:
         validate(req)
         req = apply_key_cap(req)
         grammar = constraint_grammar(req)
+        split = self.reasoning_for(target.info.id)
         permit = req.key.enter() if req.key is not None else None
         try:
             lease = await asyncio.to_thread(self.scheduler.lease, target.info, req.keep_alive)
@@ -315,24 +593,56 @@ class GenerationService:
             raise
         try:
             if lease.engine.takes_text:
-                prompts: list[list[int]] = []
+                prompt = Prompt([])
                 gen_requests = text_requests(req)
             else:
                 try:
-                    prompts = await asyncio.to_thread(render, lease.engine, req)
+                    prompt = await asyncio.to_thread(
+                        render, lease.engine, req, grammar=grammar, split_reasoning=split
+                    )
                 except ChatTemplateBroken as e:
                     self.catalog.mark_broken(target.info.id, e.message)
                     raise
-                gen_requests = build_requests(lease.engine, req, prompts, grammar)
+                gen_requests = build_requests(lease.engine, req, prompt)
         except BaseException:
             lease.release(req.keep_alive)
             if permit is not None:
                 permit.release()
             raise
-        run = Run(self, lease, req, prompts, gen_requests, started, permit)
+        run = self._track(Run(self, lease, req, prompt, gen_requests, started, permit))
         if lease.engine.takes_text:
             await run.opened()
         return run
+
+    def reasoning_for(self, model_id: str) -> bool:
+        """Whether thinking is split out of this model's replies (the `reasoning` setting)."""
+        return bool(self.scheduler.settings.for_model("reasoning", model_id))
+
+    async def preview(self, req: GenerateRequest) -> tuple[str, Prompt]:
+        """The prompt a request would get (text and tokens), without generating: token counts,
+        `/apply-template`. Returns the model id and the prompt."""
+        target = self.catalog.target(req.model)
+        req = apply_preset(req, target.preset)
+        validate(req)
+        grammar = constraint_grammar(req)
+        split = self.reasoning_for(target.info.id)
+
+        def run(engine: Engine) -> Prompt:
+            return render(engine, req, grammar=grammar, split_reasoning=split, want_text=True)
+
+        return await self.on_model(req.model, run, keep_alive=req.keep_alive)
+
+    async def on_model(
+        self, model: str, work: Callable[[Engine], T], *, keep_alive: float | None = None
+    ) -> tuple[str, T]:
+        """Run `work(engine)` in a worker thread on the model (loaded on demand, leased while it
+        runs): tokenizing, rendering. Returns the model id and what `work` returned."""
+        info = self.catalog.target(model).info
+        lease = await asyncio.to_thread(self.scheduler.lease, info, keep_alive)
+        try:
+            return info.id, await asyncio.to_thread(work, lease.engine)
+        finally:
+            lease.release()
 
     async def load(self, model: str, keep_alive: float | None = None) -> Lease:
         """Load (or keep loaded) without generating: Ollama's empty prompt, the TUI's `l`.
@@ -392,8 +702,25 @@ class GenerationService:
         done = [f for f in run.finished if f is not None]
         ttfts = [f.timings.ttft_ms for f in done if f.timings]
         u = run.usage()
+        req = run.request
+        self.requests.keep_detail(
+            RequestDetail(
+                id=run.id,
+                messages=tuple(
+                    {"role": str(m.get("role", "")), "content": _clip(m.get("content"))}
+                    for m in (req.messages or [])[-DETAIL_MESSAGES:]
+                ),
+                prompts=tuple(_clip(p) for p in req.prompts or ()),
+                replies=tuple("".join(t) for t in run.texts),
+                finish_reasons=tuple(f.reason for f in done),
+                timings=tuple(f.timings.as_dict() for f in done if f.timings),
+                error=run.error,
+            )
+        )
         self.requests.record(
             RequestRecord(
+                id=run.id,
+                finish_reason=done[0].reason if done else "",
                 at=time.time(),
                 method="POST",
                 path=run.request.path,
@@ -408,6 +735,15 @@ class GenerationService:
                 key=run.request.key.name if run.request.key is not None else None,
             )
         )
+
+
+def _clip(content: Any) -> str:
+    """A message's text for the detail view, cut to DETAIL_MESSAGE_CHARS (parts joined)."""
+    if isinstance(content, list):
+        content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    text = "" if content is None else str(content)
+    n = DETAIL_MESSAGE_CHARS
+    return text if len(text) <= n else text[:n] + "…"
 
 
 # ----- the steps ------------------------------------------------------------------------------
@@ -466,6 +802,19 @@ def validate(req: GenerateRequest) -> None:
         raise InvalidRequest("a request needs messages or a prompt.", param="messages")
     if req.prompts is not None and not req.prompts:
         raise InvalidRequest("prompt is empty.", param="prompt")
+    if req.json_mode and req.grammar is not None:
+        raise InvalidRequest(
+            "grammar and response_format both constrain the reply; give one of them.",
+            param="grammar",
+        )
+    if req.tools and req.messages is None:
+        raise InvalidRequest("tools need a chat (messages), not a prompt.", param="tools")
+    if req.json_mode and req.tools and req.choice.mode != "none":
+        raise InvalidRequest(
+            "response_format (or format) cannot be combined with tools: a reply held to a JSON "
+            "schema cannot call a tool. Leave out one of them, or set tool_choice to 'none'.",
+            param="response_format",
+        )
 
 
 def apply_key_cap(req: GenerateRequest) -> GenerateRequest:
@@ -488,25 +837,32 @@ def apply_key_cap(req: GenerateRequest) -> GenerateRequest:
 
 def constraint_grammar(req: GenerateRequest) -> str | None:
     """The GBNF that enforces the requested output format (checked before anything loads)."""
+    if req.grammar is not None:
+        if not req.grammar.strip():
+            raise InvalidRequest("grammar is empty.", param="grammar")
+        return req.grammar
     if not req.json_mode:
         return None
     return json_grammar(req.json_schema)
 
 
-def render(engine: Engine, req: GenerateRequest) -> list[list[int]]:
-    """The prompt tokens: the chat template over the messages, or each raw prompt."""
-    if req.messages is not None:
-        return [engine.format_chat(req.messages)]
-    assert req.prompts is not None
-    out = [engine.tokenize(p, add_special=True, special=req.raw) for p in req.prompts]
-    if any(not p for p in out):
-        raise InvalidRequest("prompt is empty.", param="prompt")
-    return out
+def has_tool_history(messages: list[dict[str, Any]]) -> bool:
+    """Whether a conversation holds tool calls or results (the template must see them in its
+    own shape even when this request offers no tools)."""
+    return any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
 
 
 def text_requests(req: GenerateRequest) -> list[GenerationRequest]:
     """One request per prompt and choice, as text, for an engine that takes text: the upstream
     applies its own template, tokenizer, context check and format constraint."""
+    if req.tools or (req.messages is not None and has_tool_history(req.messages)):
+        # Not forwarded yet: the upstream's own tool calls would need its parser's output
+        # turned back into events. A clear refusal, not tools silently dropped.
+        raise InvalidRequest(
+            "tools are not supported for upstream models yet; call the upstream directly "
+            "for tool calling.",
+            param="tools",
+        )
     texts = [None] if req.prompts is None else list(req.prompts)
     if any(t == "" for t in texts):
         raise InvalidRequest("prompt is empty.", param="prompt")
@@ -535,27 +891,102 @@ def text_requests(req: GenerateRequest) -> list[GenerationRequest]:
     return out
 
 
-def build_requests(
-    engine: Engine, req: GenerateRequest, prompts: list[list[int]], grammar: str | None
-) -> list[GenerationRequest]:
+def render(
+    engine: Engine,
+    req: GenerateRequest,
+    *,
+    grammar: str | None = None,
+    split_reasoning: bool = False,
+    want_text: bool = False,
+) -> Prompt:
+    """The prompt tokens (the chat template over the messages, or each raw prompt), the grammar
+    in force, and how the reply is to be read. Blocking: run it in a worker thread."""
+    if req.messages is None:
+        assert req.prompts is not None
+        out = [engine.tokenize(p, add_special=True, special=req.raw) for p in req.prompts]
+        if any(not p for p in out):
+            raise InvalidRequest("prompt is empty.", param="prompt")
+        return Prompt(out, grammar)
+    template = engine.chat_template
+    messages = req.messages
+    # A JSON or tool-call grammar holds the reply to its shape from the first token: no room to
+    # think. A user's own grammar may spell out a thinking block, so it does not count here.
+    held = grammar is not None and req.grammar is None
+    plan: ToolCallPlan | None = None
+    tools: list[dict[str, Any]] | None = None
+    if req.tools or has_tool_history(messages):
+        # A named choice asks for that one call (as OpenAI's does), not a list of them.
+        parallel = req.parallel_tool_calls and req.choice.mode != "function"
+        plan = plan_tool_calls(req.tools, req.choice, parallel=parallel, template=template)
+        messages = plan.prepare_messages(messages)
+        tools = plan.template_tools
+        if plan.grammar is not None:
+            if grammar is not None:
+                raise InvalidRequest(
+                    f"grammar cannot be combined with tool_choice '{req.choice.mode}', which "
+                    "holds the reply to a tool call; give one of them.",
+                    param="grammar",
+                )
+            grammar = plan.grammar
+            held = True
+        if plan.parse_format is None:
+            plan = None  # nothing to parse: the reply is plain text
+    thinks = template is not None and template_thinks(template.source)
+    think = req.think
+    if think is None and held and thinks:
+        think = False
+    kwargs = {"enable_thinking": think} if think is not None else None
+    # Only templates that know thinking blocks get the split: other replies stay untouched.
+    split = split_reasoning and not held and thinks
+    text: str | None = None
+    if want_text or split:
+        text = engine.render_chat(messages, tools=tools, template_kwargs=kwargs)
+    tokens = engine.format_chat(messages, tools=tools, template_kwargs=kwargs)
+    markers = list(plan.markers) if plan is not None else []
+    if split:
+        markers += [THINK_START, THINK_END]
+    return Prompt(
+        [tokens],
+        grammar,
+        plan,
+        split_reasoning=split,
+        starts_thinking=split and text is not None and prompt_opens_thinking(text),
+        preserved_tokens=preserved_tokens(engine, markers),
+        text=text,
+    )
+
+
+def preserved_tokens(engine: Engine, markers: list[str]) -> frozenset[int]:
+    """The token ids of markers that are one token in this vocabulary (llama-server's
+    "preserved tokens"): decoding drops control tokens' text unless told to keep it."""
+    out: set[int] = set()
+    for m in markers:
+        ids = engine.tokenize(m, add_special=False, special=True)
+        if len(ids) == 1:
+            out.add(ids[0])
+    return frozenset(out)
+
+
+def build_requests(engine: Engine, req: GenerateRequest, prompt: Prompt) -> list[GenerationRequest]:
     """One engine request per prompt and choice; a prompt that leaves no room is refused."""
     limit = engine.context_length
     out = []
-    for prompt in prompts:
-        if len(prompt) >= limit:
-            raise ContextOverflow(len(prompt), limit)
-        room = limit - len(prompt)
+    for tokens in prompt.tokens:
+        if len(tokens) >= limit:
+            raise ContextOverflow(len(tokens), limit)
+        room = limit - len(tokens)
         for i in range(req.n):
             out.append(
                 GenerationRequest(
-                    prompt_tokens=prompt,
+                    prompt_tokens=tokens,
                     max_tokens=min(req.max_tokens or room, room),
                     sampling=req.sampling.params(i),
                     stop=[s for s in req.stop if s],
-                    grammar=grammar,
+                    grammar=prompt.grammar,
                     logit_bias=dict(req.logit_bias),
                     ignore_eos=req.ignore_eos,
                     label=req.label,
+                    preserved_tokens=prompt.preserved_tokens,
                 )
             )
     return out

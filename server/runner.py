@@ -11,6 +11,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from server.api.app import create_app
 from server.runtime import Runtime
@@ -88,13 +89,16 @@ def scheme(settings: Settings) -> str:
     return "https" if settings.tls_cert is not None else "http"
 
 
-def make_server(rt: Runtime, *, log_level: str = "info") -> LmxServer:
+def make_server(rt: Runtime, *, log_level: str = "info", own_logging: bool = True) -> LmxServer:
+    """uvicorn over the app. `own_logging=False` leaves uvicorn's records to the root logger
+    (the TUI routes them to its log pane; uvicorn's own handlers would write to the terminal)."""
     app = create_app(rt)
     s = rt.settings
     check_tls(s)
     config = uvicorn.Config(
         app,
         log_level=log_level,
+        log_config=LOGGING_CONFIG if own_logging else None,
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
         lifespan="on",
         access_log=log_level == "debug",
@@ -117,7 +121,7 @@ class ServerThread:
         self.sock = bind_socket(rt.settings.host, rt.settings.port)
         self.host, self.port = address(self.sock)
         try:
-            self.server = make_server(rt, log_level=log_level)
+            self.server = make_server(rt, log_level=log_level, own_logging=False)
         except BaseException:
             self.sock.close()
             raise

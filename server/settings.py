@@ -317,6 +317,12 @@ SETTINGS: tuple[Setting, ...] = (
         "Ray Serve, another lmx) at URL (repeatable)",
         "--upstream",
     ),
+    Setting(
+        "reasoning",
+        "bool",
+        "split <think> reasoning out of thinking models' replies (default true)",
+        per_model=True,
+    ),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 LISTS = ("paths", "strs", "urls")  # kinds whose values add up across file, environment and flags
@@ -330,6 +336,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     gpu_layers: int | None = None
     keep_alive: str | int | float | None = None
     chat_template: str | None = None
+    reasoning: bool | None = None
     pin: bool = False
 
 
@@ -425,6 +432,7 @@ class Settings:
     user_stores: bool = True
     download_concurrency: int = 2
     upstream: tuple[str, ...] = ()  # --upstream [NAME=]URL, as given
+    reasoning: bool = True  # split thinking out of chat replies
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     aliases: Mapping[str, str] = field(default_factory=dict)
     groups: Mapping[str, GroupConfig] = field(default_factory=dict)

@@ -30,6 +30,24 @@ class RequestRecord:
     ttft_ms: float | None = None
     source: str = "api"  # which front end: openai, ollama, admin, tui, cli
     key: str | None = None  # the API key's name (never the key), None when unkeyed
+    id: str = ""  # the generation pipeline's request id (its detail: RequestLog.detail)
+    finish_reason: str = ""  # stop, length, cancelled, error (the first choice's)
+
+
+@dataclass(frozen=True)
+class RequestDetail:
+    """What a finished generation asked and answered, for its detail view (texts clipped)."""
+
+    id: str
+    messages: tuple[dict[str, str], ...]
+    prompts: tuple[str, ...]
+    replies: tuple[str, ...]
+    finish_reasons: tuple[str, ...]
+    timings: tuple[dict[str, Any], ...]
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
 
 @dataclass(frozen=True)
@@ -95,8 +113,9 @@ class RequestLog:
     """Recent API requests (bounded, for the TUI) and running totals since start (unbounded
     in time, for /metrics: a counter must never fall when old records roll off). Thread-safe."""
 
-    def __init__(self, maxlen: int = 500) -> None:
+    def __init__(self, maxlen: int = 500, details: int = 64) -> None:
         self._records: deque[RequestRecord] = deque(maxlen=maxlen)
+        self._details: deque[RequestDetail] = deque(maxlen=details)
         self._lock = threading.Lock()
         self._listeners: list[RecordListener] = []
         self._counts: dict[tuple[str, int, str], int] = {}
@@ -118,6 +137,15 @@ class RequestLog:
         for fn in listeners:
             with contextlib.suppress(Exception):
                 fn(rec)
+
+    def keep_detail(self, detail: RequestDetail) -> None:
+        """Keep a finished request's texts (the oldest fall off: memory stays bounded)."""
+        with self._lock:
+            self._details.append(detail)
+
+    def detail(self, request_id: str) -> RequestDetail | None:
+        with self._lock:
+            return next((d for d in reversed(self._details) if d.id == request_id), None)
 
     def totals(self) -> tuple[dict[tuple[str, int, str], int], dict[str, ModelTotals]]:
         """Requests by (model, status, key name) and per-model totals, copied under the lock."""

@@ -68,3 +68,15 @@ MISTRAL = """\
 
 QWEN3_CODER = """\
 {%- for message in messages %}<tool_call>\\n<function=x>\\n<parameter=y>\\n{%- endfor %}"""
+
+# A DeepSeek-R1-style template: ChatML whose generation prompt opens a thinking block, and
+# which drops an earlier reply's thinking from the history.
+THINKING = """\
+{%- for message in messages %}
+{%- set content = message.content %}
+{%- if message.role == 'assistant' and '</think>' in content %}\
+{%- set content = content.split('</think>')[-1] %}{%- endif %}
+{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}
+"""

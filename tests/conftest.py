@@ -233,6 +233,42 @@ class BackgroundStream:
         return self.lines
 
 
+AGENT_MODELS = {
+    # id: its lines in the config file (each is SmolLM2 under another name)
+    "smollm2-hermes": "chat_template = '''{HERMES}'''",
+    "smollm2-think": "chat_template = '''{THINKING}'''",
+    "smollm2-think-raw": "chat_template = '''{THINKING}'''\nreasoning = false",
+}
+
+
+@pytest.fixture(scope="session")
+def agent_server(
+    tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, gemma_path: Path
+) -> Iterator[ServerThread]:
+    """A server for the agent APIs: the default SmolLM2, Gemma (`gemma-3-270m`), and SmolLM2
+    under the ids of AGENT_MODELS with per-model chat templates from a config file (a
+    Hermes-style tool template; an R1-style thinking one, with and without the split)."""
+    from tests.chat_templates import HERMES, THINKING
+
+    folder = tmp_path_factory.mktemp("agent-models")
+    lines = []
+    for model_id, settings in AGENT_MODELS.items():
+        # A hard link (or a copy): a symbolic link is the same model to discovery.
+        try:
+            os.link(smollm2_path, folder / f"{model_id}.gguf")
+        except OSError:
+            shutil.copyfile(smollm2_path, folder / f"{model_id}.gguf")
+        text = settings.format(HERMES=HERMES, THINKING=THINKING)
+        lines.append(f'[models."{model_id}"]\n{text}\n')
+    (folder / "gemma-3-270m.gguf").symlink_to(gemma_path.resolve())
+    config = folder / "lmx.toml"
+    config.write_text("\n".join(lines))
+    runtime = Runtime(make_config(config, model_dirs=[folder]))
+    with ServerThread(runtime) as srv:
+        yield srv
+    runtime.close()
+
+
 def load(rt: Runtime, name: str) -> LoadedModel:
     """Load a model by any name (as the admin API's load does) and return it."""
     return rt.scheduler.load(rt.catalog.resolve(name))

@@ -244,9 +244,11 @@ def test_stop_string_ends_the_text_before_it(engine: Engine) -> None:
     cut = full.index(stop)
     r = Run(engine, GenerationRequest(p, 12, GREEDY, stop=[stop, "never-seen"], ignore_eos=True))
     fin = r.finish()
-    assert fin.reason == "stop"
+    assert fin.reason == "stop" and fin.stop_sequence == stop
     assert r.text == full[:cut]
     assert all(stop not in e.text for e in r.seen if isinstance(e, TokenText))
+    _, eos = run(engine, GenerationRequest(p, 2, GREEDY, stop=["never-seen"], ignore_eos=True))
+    assert eos.stop_sequence is None
 
 
 def test_cancel_ends_with_cancelled(engine: Engine) -> None:
@@ -296,6 +298,34 @@ def test_logit_bias_steers_the_next_token(engine: Engine) -> None:
     target = engine.tokenize(" banana", add_special=False)[0]
     text, _ = run(engine, GenerationRequest(p, 1, GREEDY, logit_bias={target: 100.0}))
     assert text == engine.detokenize([target]) != ""
+
+
+def test_preserved_control_tokens_are_emitted_as_their_text(engine: Engine) -> None:
+    # Tool-call and thinking markers that are control tokens reach the reply's parser only
+    # when the request names them; other control tokens decode to nothing.
+    marker = "<|im_start|>"
+    (tok,) = engine.tokenize(marker, add_special=False, special=True)
+    forced = GenerationRequest(prompt(engine), 2, GREEDY, logit_bias={tok: 100.0})
+    text, fin = run(engine, forced)
+    assert (text, fin.completion_tokens) == ("", 2)
+    forced.preserved_tokens = frozenset({tok})
+    text, fin = run(engine, forced)
+    assert (text, fin.completion_tokens) == (marker * 2, 2)
+
+
+def test_progress_counts_what_the_engine_did(engine: Engine) -> None:
+    p = prompt(engine, "Progress is counted here")
+    r = Run(engine, GenerationRequest(p, 3, GREEDY, ignore_eos=True))
+    assert r.gen.progress.phase(len(p)) in ("queued", "prefill", "decode")
+    fin = r.finish()
+    prog = r.gen.progress
+    assert prog.slot is not None and 0 <= prog.slot < OPTIONS.parallel
+    assert prog.generated == fin.completion_tokens == 3
+    assert prog.prompt_done == len(p) and prog.cached == fin.cached_tokens
+    assert prog.first_token_at is not None and prog.phase(len(p)) == "decode"
+    states = engine.stats()["slot_states"]
+    assert len(states) == OPTIONS.parallel
+    assert all(state in ("idle", "prefill", "decode") for state, _ in states)
 
 
 def test_embeddings_are_unit_vectors(engine: Engine) -> None:

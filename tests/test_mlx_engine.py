@@ -390,6 +390,36 @@ def test_openai_client_chats_with_an_mlx_model(mlx_server: tuple[ServerThread, R
     assert isinstance(json.loads(r.choices[0].message.content or "")["capital"], str)
 
 
+def test_a_forced_tool_call_on_an_mlx_model_matches_its_schema(
+    mlx_server: tuple[ServerThread, Runtime],
+) -> None:
+    # The tool grammar goes through llguidance on MLX, as response_format does.
+    import jsonschema
+    import openai
+
+    srv, _ = mlx_server
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+    }
+    tool: Any = {"type": "function", "function": {"name": "get_weather", "parameters": schema}}
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=300)
+    r = client.chat.completions.create(
+        model=MLX_ID,
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=60,
+        temperature=0,
+    )
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.tool_calls
+    call = c.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), schema)
+
+
 def test_admin_and_ollama_see_the_mlx_model(mlx_server: tuple[ServerThread, Runtime]) -> None:
     import ollama
 

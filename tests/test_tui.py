@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
@@ -16,13 +17,17 @@ from typing import Any
 import httpx
 import pytest
 from textual.css.query import NoMatches
-from textual.widgets import DataTable, Input, Static
+from textual.widgets import DataTable, Input, RichLog, Static, TabbedContent
 
 from lmx_tui.app import LmxApp, start_server
+from lmx_tui.widgets.gauges import GaugesPane
+from lmx_tui.widgets.hub import PulledPrompt
+from lmx_tui.widgets.load_prompt import LoadPrompt
+from lmx_tui.widgets.requests import RequestDetailScreen, RequestsPane
 from server.runner import ServerThread
 from server.runtime import Runtime
 from server.telemetry import GpuSnapshot, SystemSnapshot
-from tests.conftest import make_config, wait_for
+from tests.conftest import HUB_REPO, BackgroundStream, load, make_config, wait_for
 
 MODEL = "smollm2-135m-instruct.q4_1"
 
@@ -282,11 +287,211 @@ async def test_hub_pull_shows_progress_and_can_be_cancelled(
         reg.close()
 
 
+async def test_p_pins_the_selected_model(rt: Runtime) -> None:
+    app = LmxApp(rt, system_sampler=frozen_system())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("p")
+        assert rt.scheduler.is_pinned(MODEL)
+        await until(pilot, lambda: "pinned" in table_rows(app, "#model-table")[0][1])
+        await pilot.press("p")
+        assert not rt.scheduler.is_pinned(MODEL)
+
+
+async def test_models_table_fits_80_columns(rt: Runtime) -> None:
+    app = LmxApp(rt, system_sampler=frozen_system())
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        table = app.query_one("#model-table", DataTable)
+        cols = [str(c.label) for c in table.columns.values()]
+        assert "SIZE" in cols and "CTX" in cols and "ID" in cols and "STATE" in cols
+        assert "ARCH" not in cols  # the least important went first
+        assert table.virtual_size.width <= table.scrollable_content_region.width
+        row = table_rows(app, "#model-table")[0]
+        assert row[cols.index("SIZE")] == "98.4 MB" and row[cols.index("CTX")] == "8k"
+    async with LmxApp(rt, system_sampler=frozen_system()).run_test(size=(140, 30)) as pilot:
+        await pilot.pause()
+        table = pilot.app.query_one("#model-table", DataTable)
+        assert [str(c.label) for c in table.columns.values()][:5] == [
+            "ID",
+            "STATE",
+            "MEMORY",
+            "FITS",
+            "ARCH",
+        ]
+
+
+@pytest.fixture
+def two_models(tmp_path: Path, gemma_path: Path) -> Iterator[Runtime]:
+    (tmp_path / "gemma.gguf").symlink_to(gemma_path.resolve())
+    probe = Runtime(make_config(model_dirs=[tmp_path]))
+    sizes = {m.id: probe.scheduler.estimate_for(m).total for m in probe.catalog.models()}
+    probe.close()
+    # room for the larger one, not for both
+    runtime = Runtime(make_config(model_dirs=[tmp_path], max_memory=max(sizes.values()) + 1000))
+    yield runtime
+    runtime.close()
+
+
+async def test_eviction_prompt_names_the_model_it_would_evict(two_models: Runtime) -> None:
+    rt = two_models
+    load(rt, "gemma")
+    app = LmxApp(rt, system_sampler=frozen_system(), sample_interval=0.1)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: "gemma" in str(app.query_one("#models-budget").render()))
+        ids = [r[0] for r in table_rows(app, "#model-table")]
+        app.query_one("#model-table", DataTable).move_cursor(row=ids.index(MODEL))
+        await pilot.press("l")
+        await until(pilot, lambda: isinstance(app.screen, LoadPrompt))
+        text = str(app.screen.query_one("#prompt-text", Static).render())
+        assert "would unload" in text and "• gemma" in text
+        assert rt.scheduler.get("gemma") is not None  # nothing happened yet
+        await pilot.press("y")
+        await until(pilot, lambda: rt.scheduler.get(MODEL) is not None)
+        assert rt.scheduler.get("gemma") is None
+
+
+async def test_a_model_too_large_says_why_and_loads_with_a_smaller_ctx(rt: Runtime) -> None:
+    info = rt.catalog.resolve(MODEL)
+    est = rt.scheduler.estimate_for(info)
+    rt.config.update(max_memory=est.weights + est.compute + est.kv_cache // 3)
+    app = LmxApp(rt, system_sampler=frozen_system())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("l")
+        await until(pilot, lambda: isinstance(app.screen, LoadPrompt))
+        text = str(app.screen.query_one("#prompt-text", Static).render())
+        assert "does not fit" in text and "budget" in text and "1  " in text
+        assert rt.scheduler.get(MODEL) is None
+        option = app.screen.preview.options[0]  # type: ignore[attr-defined]
+        await pilot.press("1")
+        await until(pilot, lambda: rt.scheduler.get(MODEL) is not None)
+        lm = rt.scheduler.get(MODEL)
+        assert lm is not None and (lm.options.n_ctx, lm.options.parallel) == (
+            option.ctx,
+            option.parallel,
+        )
+
+
+async def test_cancel_an_http_request_from_the_requests_tab(rt: Runtime) -> None:
+    server = ServerThread(rt).start()
+    app = LmxApp(rt, server=server, system_sampler=frozen_system(), sample_interval=0.1)
+    try:
+        async with app.run_test(size=(120, 34)) as pilot:
+            stream = await asyncio.to_thread(BackgroundStream, server.url, MODEL, 4000)
+            await pilot.press("f5")
+            await until(pilot, lambda: len(table_rows(app, "#inflight-table")) == 1)
+            await until(pilot, lambda: int(table_rows(app, "#inflight-table")[0][6]) > 0)
+            row = table_rows(app, "#inflight-table")[0]
+            assert row[1] == MODEL and row[2] == "openai" and row[4] == "decode"
+            app.query_one("#inflight-table", DataTable).focus()
+            await pilot.press("x")
+            lines = await asyncio.to_thread(stream.finish)
+            assert '"finish_reason":"cancelled"' in lines[-2].replace(" ", "")
+            await until(pilot, lambda: not table_rows(app, "#inflight-table"))
+            await until(pilot, lambda: bool(table_rows(app, "#requests-table")))
+            assert table_rows(app, "#requests-table")[-1][-1] == "cancelled"
+            app.query_one("#requests-table", DataTable).focus()
+            await pilot.press("enter")  # the finished request's details
+            await until(pilot, lambda: isinstance(app.screen, RequestDetailScreen))
+            blocks = [str(w.render()) for w in app.screen.query(".detail-block")]
+            assert "Write a long story." in blocks[0] and blocks[1]
+    finally:
+        server.stop()
+
+
+async def test_log_records_go_to_the_pane_filtered_by_level_and_text(rt: Runtime) -> None:
+    app = LmxApp(rt, system_sampler=frozen_system())
+    async with app.run_test(size=(120, 34)) as pilot:
+        await pilot.press("f5")
+        logging.getLogger("server.test").info("an info line about smollm2")
+        logging.getLogger("huggingface_hub.test").warning("Retrying in 4s")
+        pane = app.query_one(RequestsPane)
+        log = app.query_one("#server-log", RichLog)
+
+        def shown() -> str:
+            return "\n".join(line.text for line in log.lines)
+
+        await until(pilot, lambda: "Retrying in 4s" in shown() and "an info line" in shown())
+        await pilot.press("v")  # WARNING and up
+        await until(pilot, lambda: "an info line" not in shown())
+        assert "Retrying in 4s" in shown() and pane.level == "WARNING"
+        await pilot.press("v", "v", "v")  # ERROR, DEBUG, INFO
+        app.query_one("#log-filter", Input).value = "smollm2"
+        await until(pilot, lambda: "Retrying" not in shown() and "an info line" in shown())
+
+
+async def test_unreachable_hub_is_reported_in_the_pane_at_once(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))  # bound, never listening: refused at once
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{dead.getsockname()[1]}")
+        app = LmxApp(rt, system_sampler=frozen_system())
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.press("f6", *"smollm2", "enter")
+            status = app.query_one("#hub-status", Static)
+            await until(pilot, lambda: "cannot be reached" in str(status.render()), 10)
+
+
+async def test_hub_results_sizes_fit_on_disk_and_the_offer_to_chat(
+    hub: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    reg = Runtime(make_config(hf_cache=True, hf_cache_dir=tmp_path / "hub", max_memory=10**10))
+    app = LmxApp(reg, system_sampler=frozen_system())
+    try:
+        async with app.run_test(size=(140, 34)) as pilot:
+            await pilot.press("f6", *"gguf", "enter")
+            await until(pilot, lambda: app.query_one("#hub-repos", DataTable).row_count == 2)
+            await until(pilot, lambda: all(r[3] != "…" for r in table_rows(app, "#hub-repos")))
+            rows = {r[0]: r for r in table_rows(app, "#hub-repos")}
+            big = rows["someone/Big-Model-GGUF"]
+            assert big[3] == "2.0 GB to 70.0 GB" and big[4] == "IQ4_XS, Q2_K"
+            assert rows[HUB_REPO][1] == "500" and rows[HUB_REPO][4] == "Q4_1"
+            app.query_one("#hub-repos", DataTable).move_cursor(row=list(rows).index(HUB_REPO))
+            await pilot.press("enter")
+            await until(pilot, lambda: app.query_one("#hub-files", DataTable).row_count == 1)
+            assert table_rows(app, "#hub-files")[0][4] == ""  # not on disk yet
+            await pilot.press("enter")  # pull it: progress at once, on the Hub's status line
+            status = app.query_one("#hub-status", Static)
+            await until(pilot, lambda: "pull" in str(status.render()))
+            await until(pilot, lambda: isinstance(app.screen, PulledPrompt), 60)
+            await pilot.press("c")  # chat with it
+            await until(pilot, lambda: app.query_one(TabbedContent).active == "chat")
+            model_id = app.query_one("#chat-pane").model  # type: ignore[attr-defined]
+            assert model_id == f"{HUB_REPO}/smollm2-135m-instruct-q4_1".lower()
+            await pilot.press("f6")
+            app.query_one("#hub-repos", DataTable).focus()
+            await pilot.press("enter")
+            await until(pilot, lambda: table_rows(app, "#hub-files")[0][4] == f"✓ {model_id}")
+    finally:
+        reg.downloads.close()
+        reg.close()
+
+
+async def test_monitor_charts_history_and_slots(rt: Runtime) -> None:
+    load(rt, MODEL)
+    app = LmxApp(rt, system_sampler=frozen_system(), sample_interval=0.05)
+    async with app.run_test(size=(140, 50)) as pilot:
+        await pilot.press("f4")
+        gauges = app.query_one(GaugesPane)
+        await until(pilot, lambda: len(gauges.series["cpu"].get("cpu", ())) >= 3)
+        await until(pilot, lambda: bool(app.query(".gauge-slots")))
+        await until(pilot, lambda: "idle" in str(app.query_one(".gauge-slots", Static).render()))
+        assert MODEL in gauges.series["tps"] and not app.query_one("#chart-vram").display
+        await until(pilot, lambda: gauges._drawn > 0)
+        chart = app.query_one("#chart-cpu")
+        assert "seconds ago" in str(chart.render_lines(chart.region.reset_offset))  # type: ignore[attr-defined]
+        budget = str(app.query_one("#monitor-budget").render())
+        assert MODEL in budget and "free" in budget and "est" in budget
+
+
 # ----- snapshots (frozen data; Textual is pinned exactly) --------------------------------------
 
 
 def _snap_app() -> LmxApp:
-    return LmxApp(Runtime(make_config()), system_sampler=frozen_system(), sample_interval=60)
+    # A fixed budget: the default is a share of the RAM free now, different on every machine.
+    config = make_config(max_memory=4_000_000_000)
+    return LmxApp(Runtime(config), system_sampler=frozen_system(), sample_interval=60)
 
 
 def test_snapshot_models(snap_compare: Callable[..., bool]) -> None:
@@ -314,10 +519,18 @@ def _tmux(*args: str) -> str:
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt install tmux)")
 def test_installed_lmx_in_tmux_80x24(tmp_path: Path) -> None:
+    """A first-time user over SSH: the app at 80x24, a Hub search with no network, a load. The
+    failure shows in the Hub pane at once; no log line is ever drawn over the screen (they go
+    to the log pane and the log file)."""
     lmx = Path(sys.executable).parent / "lmx"
     assert lmx.exists(), "the lmx console script is installed with the project"
     session = f"lmx-test-{os.getpid()}"
-    env = f"HF_HOME={tmp_path} LMX_CONFIG={tmp_path / 'none.toml'}"
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: a hub that cannot be reached
+    env = (
+        f"HF_HOME={tmp_path} LMX_CONFIG={tmp_path / 'none.toml'} XDG_STATE_HOME={tmp_path}"
+        f" HF_ENDPOINT=http://127.0.0.1:{dead.getsockname()[1]}"
+    )
     (tmp_path / "none.toml").write_text("")
     _tmux(
         "new-session",
@@ -335,11 +548,27 @@ def test_installed_lmx_in_tmux_80x24(tmp_path: Path) -> None:
         def screen() -> str:
             return _tmux("capture-pane", "-p", "-t", session)
 
-        wanted = (MODEL, "serving http://127.0.0.1:", "Load", "Quit")
+        def keys(*k: str) -> None:
+            _tmux("send-keys", "-t", session, *k)
+
+        wanted = (MODEL, "serving http://127.0.0.1:", "Load", "Quit", "SIZE", "CTX")
         wait_for(lambda: all(t in screen() for t in wanted), 60)
-        _tmux("send-keys", "-t", session, "C-q")
+        keys("F6")
+        wait_for(lambda: "search the hub" in screen(), 10)
+        keys("smollm2", "Enter")
+        wait_for(lambda: "cannot be reached" in screen(), 10)
+        keys("F2")
+        wait_for(lambda: "filter models" in screen(), 10)
+        keys("l")
+        wait_for(lambda: "ready" in screen(), 60)
+        log_file = tmp_path / "lmx" / "lmx.log"
+        wait_for(lambda: log_file.exists() and "loaded" in log_file.read_text(), 10)
+        for noise in ("WARNING", "INFO", "Retrying", "Traceback", "uvicorn"):
+            assert noise not in screen(), screen()
+        keys("C-q")
         wait_for(lambda: "EXITED" in screen(), 20)
         text = screen()
         assert "EXITED 0" in text and "Traceback" not in text
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        dead.close()

@@ -58,6 +58,12 @@ class ChatPane(Vertical):
         elif ids:
             select.value = ids[0]
 
+    def choose(self, model_id: str) -> None:
+        """Show this model's conversation (a model pulled a moment ago is added)."""
+        if model_id not in self._ids:
+            self.set_models([*self._ids, model_id])
+        self.query_one("#chat-model", Select).value = model_id
+
     @property
     def model(self) -> str | None:
         v = self.query_one("#chat-model", Select).value

@@ -73,7 +73,7 @@ class DownloadsPane(Vertical):
             )
             if d.id in rows:
                 for col, value in zip(COLUMNS, cells, strict=True):
-                    table.update_cell(d.id, col, value)
+                    table.update_cell(d.id, col, value, update_width=True)
             else:
                 table.add_row(*cells, key=d.id)
         self.query_one("#downloads-empty", Static).display = not downloads

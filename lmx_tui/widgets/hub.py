@@ -10,12 +10,25 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.message import Message
+from textual.screen import ModalScreen
 from textual.widgets import DataTable, Input, Static
 
+from lmx_tui.widgets.downloads import progress_bar
 from server import hub
+from server.downloads import Download
 from server.errors import LmxError
+from server.load_preview import hub_repo
 from server.runtime import Runtime
 from server.units import human_size
+
+REPO_COLUMNS = ("REPOSITORY", "DOWNLOADS", "LIKES", "SIZES", "FITS THE BUDGET")
+FILE_COLUMNS = ("FILE", "QUANT", "SIZE", "FITS", "ON DISK")
+
+
+def short_count(n: int) -> str:
+    if n >= 1_000_000:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e3:.1f}k" if n >= 10_000 else str(n)
 
 
 class HubPane(Vertical):
@@ -32,6 +45,13 @@ class HubPane(Vertical):
             super().__init__()
             self.repo, self.file = repo, file
 
+    class Summary(Message):
+        """A repository's sizes and the quantizations that fit (from a worker thread)."""
+
+        def __init__(self, repo: str, summary: dict[str, Any] | None) -> None:
+            super().__init__()
+            self.repo, self.summary = repo, summary
+
     def __init__(self, rt: Runtime, **kw: Any) -> None:
         super().__init__(**kw)
         self.rt = rt
@@ -46,9 +66,9 @@ class HubPane(Vertical):
         yield Static("", id="hub-status")
 
     def on_mount(self) -> None:
-        for c in ("REPOSITORY", "DOWNLOADS", "LIKES"):
+        for c in REPO_COLUMNS:
             self.query_one("#hub-repos", DataTable).add_column(c, key=c)
-        for c in ("FILE", "QUANT", "SIZE", "FITS"):
+        for c in FILE_COLUMNS:
             self.query_one("#hub-files", DataTable).add_column(c, key=c)
 
     def action_focus_search(self) -> None:
@@ -70,9 +90,37 @@ class HubPane(Vertical):
         table = self.query_one("#hub-repos", DataTable)
         table.clear()
         for r in rows:
-            table.add_row(r["id"], str(r["downloads"]), str(r["likes"]), key=r["id"])
+            table.add_row(
+                r["id"], short_count(r["downloads"]), short_count(r["likes"]), "…", "…", key=r["id"]
+            )
         status.update(f"{len(rows)} repositories · enter lists a repository's files")
         table.focus()
+        self.summarise([r["id"] for r in rows])
+
+    @work(thread=True, exclusive=True, group="hub-summaries")
+    def summarise(self, repos: list[str]) -> None:
+        """Each result's sizes and fitting quantizations, filled in as they arrive."""
+        budget = self.rt.scheduler.budget
+        for repo in repos:
+            try:
+                summary: dict[str, Any] | None = hub.summary(hub.listing(repo, budget))
+            except LmxError:
+                summary = None
+            self.post_message(self.Summary(repo, summary))
+
+    def on_hub_pane_summary(self, message: Summary) -> None:
+        table = self.query_one("#hub-repos", DataTable)
+        if message.repo not in {str(k.value) for k in table.rows}:
+            return
+        s = message.summary
+        if s is None:
+            sizes, fit = "?", "?"
+        else:
+            lo, hi = human_size(s["size_min"]), human_size(s["size_max"])
+            sizes = lo if lo == hi else f"{lo} to {hi}"
+            fit = ", ".join(s["fit"][:4]) + ("…" if len(s["fit"]) > 4 else "") or "none"
+        table.update_cell(message.repo, "SIZES", sizes, update_width=True)
+        table.update_cell(message.repo, "FITS THE BUDGET", fit, update_width=True)
 
     @work(exclusive=True, group="hub")
     async def list_files(self, repo: str) -> None:
@@ -86,6 +134,7 @@ class HubPane(Vertical):
         self.repo = repo
         table = self.query_one("#hub-files", DataTable)
         table.clear()
+        local = self.on_disk(repo)
         for f in listing["files"]:
             mark = " *" if f["name"] == listing["recommended"] else ""
             table.add_row(
@@ -93,10 +142,33 @@ class HubPane(Vertical):
                 f["quantization"] or "-",
                 human_size(f["size"]),
                 "yes" if f["fits"] else "no",
+                "✓ " + local[f["name"]] if f["name"] in local else "",
                 key=f["name"],
             )
-        status.update(f"{repo}: * recommended · enter pulls the selected file")
+        status.update(f"{repo}: * recommended · ✓ on disk · enter pulls the selected file")
         table.focus()
+
+    def on_disk(self, repo: str) -> dict[str, str]:
+        """File name -> model id, for the files of `repo` already in the Hugging Face cache."""
+        out = {}
+        for m in self.rt.catalog.models():
+            if (hub_repo(m) or "").lower() == repo.lower():
+                out[m.path.name] = m.id
+        return out
+
+    def show_download(self, d: Download) -> None:
+        """A pull of ours moved: its progress on the status line."""
+        status = self.query_one("#hub-status", Static)
+        if d.state in ("queued", "running", "paused"):
+            rate = f" · {human_size(int(d.rate))}/s" if d.rate else ""
+            status.update(
+                f"pulling {d.filename} {progress_bar(d.done, d.size, 16)} "
+                f"{human_size(d.done)} / {human_size(d.size)}{rate} · F7: downloads"
+            )
+        elif d.state == "done":
+            status.update(f"pulled {d.filename} ✓")
+        else:
+            status.update(f"{d.filename}: {d.state} {d.error or ''}".strip())
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         key = event.row_key.value
@@ -106,3 +178,29 @@ class HubPane(Vertical):
             self.list_files(str(key))
         elif event.data_table.id == "hub-files" and self.repo:
             self.post_message(self.Pull(self.repo, str(key)))
+
+
+class PulledPrompt(ModalScreen[str | None]):
+    """A download finished: load the model, chat with it, or later."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("l", "choose('load')", "Load", id="pulled.load"),
+        Binding("c", "choose('chat')", "Chat", id="pulled.chat"),
+        Binding("escape,n", "choose(None)", "Later", id="pulled.later"),
+    ]
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__()
+        self.model_id = model_id
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="prompt-box"):
+            yield Static(
+                f"[b]{self.model_id}[/b] is downloaded and verified.\n\n"
+                "[b]l[/b] load it · [b]c[/b] chat with it · esc later",
+                id="prompt-text",
+                markup=True,
+            )
+
+    def action_choose(self, choice: str | None) -> None:
+        self.dismiss(choice)

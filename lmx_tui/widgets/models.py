@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
@@ -11,12 +12,46 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Input, Static
 
+from lmx_tui.widgets.budget import BudgetBar
 from server.discovery import ModelInfo
 from server.units import human_params as params
 from server.units import human_size as size
 
 COLUMNS = ("ID", "STATE", "MEMORY", "FITS", "ARCH", "PARAMS", "QUANT", "SIZE", "CTX")
+# Narrow terminals drop columns from the front of this list first (then shorten the id).
+DROP_ORDER = ("ARCH", "PARAMS", "FITS", "QUANT")
+MIN_ID = 18
 SORT_KEYS = ("id", "size", "params", "state")
+
+
+def short_ctx(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def fit_columns(rows: list[dict[str, str]], width: int) -> tuple[tuple[str, ...], int | None]:
+    """The columns that fit `width` cells, least important dropped first (ARCH, PARAMS, then
+    the id is shortened, then FITS and QUANT), and the width the id is cut to (None: whole)."""
+    cols = list(COLUMNS)
+
+    def need(c: str) -> int:
+        return max([len(c)] + [len(r[c]) for r in rows]) + 2  # a cell's padding
+
+    def id_room() -> int:
+        return width - sum(need(c) for c in cols if c != "ID") - 2
+
+    cut = False
+    for step in (None, "ARCH", "PARAMS", "ID", "FITS", "QUANT"):
+        if step == "ID":
+            cut = True
+        elif step is not None:
+            cols.remove(step)
+        if id_room() >= (MIN_ID if cut else need("ID") - 2):
+            break
+    full = need("ID") - 2
+    room = max(MIN_ID, id_room())
+    return tuple(cols), (room if room < full else None)
 
 
 class ModelBrowser(Vertical):
@@ -31,6 +66,13 @@ class ModelBrowser(Vertical):
             "Details",
             id="models.details",
             tooltip="GGUF metadata and chat template",
+        ),
+        Binding(
+            "p",
+            "pin",
+            "Pin",
+            id="models.pin",
+            tooltip="Pin or unpin: a pinned model is never evicted and never expires",
         ),
         Binding("s", "sort", "Sort", id="models.sort", tooltip="Cycle the sort column"),
         Binding("slash", "filter", "Filter", id="models.filter", tooltip="Filter by text"),
@@ -67,17 +109,17 @@ class ModelBrowser(Vertical):
         self.states: dict[str, str] = {}
         self.memory: dict[str, tuple[int, bool]] = {}
         self.sort_key = "id"
+        self.columns: tuple[str, ...] = ()
 
     def compose(self) -> ComposeResult:
+        yield BudgetBar(id="models-budget")
         yield Input(placeholder="filter models ( / )", id="model-filter")
         table: DataTable[str] = DataTable(id="model-table", cursor_type="row", zebra_stripes=True)
         yield table
         yield Static("", id="model-hint")
 
-    def on_mount(self) -> None:
-        table = self.query_one(DataTable)
-        for c in COLUMNS:
-            table.add_column(c, key=c)
+    def on_resize(self, event: events.Resize) -> None:
+        self._render_rows()
 
     def show(
         self,
@@ -111,24 +153,47 @@ class ModelBrowser(Vertical):
             "state": lambda m: (self.states.get(m.id, "available") == "available", m.id),
         }[self.sort_key]
         rows.sort(key=order)  # type: ignore[arg-type]
-        table.clear()
+        cells = []
         for m in rows:
             state = self.states.get(m.id, "available") if m.usable else "unusable"
             if m.unreachable:  # an upstream server that did not answer
                 state = "unreachable"
             est, fits = self.memory.get(m.id, (0, False))
-            table.add_row(
-                m.id,
-                state,
-                size(est) if est else "-",
-                ("yes" if fits else "no") if est else "-",
-                m.architecture or "-",
-                params(m.parameters),
-                m.quantization or "-",
-                size(m.size_bytes),
-                str(m.context_length or "-"),
-                key=m.id,
+            cells.append(
+                {
+                    "ID": m.id,
+                    "STATE": state,
+                    "MEMORY": size(est) if est else "-",
+                    "FITS": ("yes" if fits else "no") if est else "-",
+                    "ARCH": m.architecture or "-",
+                    "PARAMS": params(m.parameters),
+                    "QUANT": m.quantization or "-",
+                    "SIZE": size(m.size_bytes),
+                    "CTX": str(m.context_length or "-"),
+                }
             )
+        # The table's width less its scrollbar; before the first layout, assume 80 columns.
+        width = (table.size.width or self.app.size.width - 2) - 2
+        cols, id_width = fit_columns(cells, width)
+        if cols != COLUMNS or id_width is not None:  # narrow: 8192 reads as 8k first
+            for c in cells:
+                c["CTX"] = short_ctx(int(c["CTX"])) if c["CTX"].isdigit() else c["CTX"]
+            cols, id_width = fit_columns(cells, width)
+        if "FITS" not in cols:
+            for c in cells:  # no FITS column: the memory cell says it
+                if c["FITS"] == "no":
+                    c["MEMORY"] += " ✗"
+        if cols != self.columns:
+            table.clear(columns=True)
+            for c in cols:
+                table.add_column(c, key=c)
+            self.columns = cols
+        else:
+            table.clear()
+        for c, m in zip(cells, rows, strict=True):
+            if id_width is not None and len(c["ID"]) > id_width:
+                c["ID"] = c["ID"][: id_width - 1] + "…"
+            table.add_row(*(c[k] for k in cols), key=m.id)
         if keep is not None and keep in {m.id for m in rows}:
             table.move_cursor(row=table.get_row_index(keep))
         hint = f"{len(rows)} of {len(self.models)} models · sorted by {self.sort_key}"

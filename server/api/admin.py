@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Response, delete, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, FromQuery, JSONBody, Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, Parameter, QueryParameter
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 from prometheus_client import CollectorRegistry, generate_latest
@@ -25,6 +26,7 @@ from server.discovery import ModelInfo
 from server.downloads import Download
 from server.errors import LmxError, NotFound
 from server.events import LmxEvent
+from server.load_preview import hub_repo, preview_load
 from server.memory import process_rss
 from server.runtime import Runtime
 from server.telemetry import RequestRecord, SystemSampler
@@ -96,22 +98,52 @@ class AdminController(Controller):
         model: FromQuery[str],
         ctx: Annotated[int | None, Parameter(ge=64, le=1_048_576)] = None,
         parallel: Annotated[int | None, Parameter(ge=1, le=64)] = None,
+        hub_files: Annotated[bool, QueryParameter(name="hub")] = False,
     ) -> dict[str, Any]:
         sched = rt.scheduler
         info = rt.catalog.resolve(model)
-        est = sched.estimate_for(info, ctx, parallel)
-        plan = sched.plan(est, exclude=info.id)
+        files = None
+        repo = hub_repo(info)
+        if hub_files and repo and info.usable and not (ctx or parallel):
+            with contextlib.suppress(LmxError):  # no hub: the ctx and slot options remain
+                files = (await asyncio.to_thread(hub.listing, repo, sched.budget))["files"]
+        preview = preview_load(sched, info, ctx, parallel, files)
         lm = sched.get(info.id)
         return {
-            "model": info.id,
-            "estimate": est.as_dict(),
+            **preview.as_dict(),
             "budget_bytes": sched.budget,
-            "fits": plan.fits,
-            "fits_alone": est.total <= sched.budget,
-            "would_evict": plan.victims,
-            "blocked_by": plan.blocked_by,
             "measured_bytes": lm.measured if lm else None,
         }
+
+    # ----- requests in flight --------------------------------------------------------------
+
+    @get("/requests")
+    async def requests(
+        self,
+        rt: NamedDependency[Runtime],
+        limit: Annotated[int, Parameter(ge=0, le=500)] = 50,
+    ) -> dict[str, Any]:
+        return {
+            "in_flight": [s.as_dict() for s in rt.service.in_flight()],
+            "recent": [_record(r) for r in reversed(rt.requests.recent(limit))] if limit else [],
+        }
+
+    @get("/requests/{request_id:str}")
+    async def request_detail(
+        self, rt: NamedDependency[Runtime], request_id: FromPath[str]
+    ) -> dict[str, Any]:
+        detail = rt.requests.detail(request_id)
+        if detail is None:
+            raise NotFound(f"no finished request {request_id!r} is kept", param="id")
+        return detail.as_dict()
+
+    @post("/requests/{request_id:str}/cancel", status_code=200)
+    async def cancel_request(
+        self, rt: NamedDependency[Runtime], request_id: FromPath[str]
+    ) -> dict[str, Any]:
+        if not rt.service.cancel(request_id):
+            raise NotFound(f"no request {request_id!r} is in flight", param="id")
+        return {"id": request_id, "cancelled": True}
 
     @post("/models/{model_id:str}/load", status_code=200)
     async def load(self, rt: NamedDependency[Runtime], model_id: FromPath[str]) -> ServerSentEvent:
@@ -270,6 +302,12 @@ class DownloadBody(msgspec.Struct, kw_only=True):
     repo: str
     quant: str | None = None
     file: str | None = None
+
+
+def _record(rec: RequestRecord) -> dict[str, Any]:
+    out = dict(rec.__dict__)
+    out["latency_ms"] = round(rec.latency_ms, 1)
+    return out
 
 
 def _job(job_id: str, action: Any) -> Download:

@@ -15,10 +15,13 @@ from litestar.openapi import OpenAPIConfig
 from server import __version__
 from server.api import ollama, schemas
 from server.api.admin import AdminController, DownloadBody, metrics_handler
+from server.api.anthropic import AnthropicController
 from server.api.auth import key_guard
 from server.api.errors import OPENAI_ERRORS
 from server.api.ollama import OllamaController
 from server.api.openai import OpenAIController
+from server.api.responses import ResponsesController
+from server.api.tokens import TokensController
 from server.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,9 @@ def create_app(rt: Runtime) -> Litestar:
         route_handlers=[
             health,
             OpenAIController,
+            ResponsesController,
+            AnthropicController,
+            TokensController,
             OllamaController,
             AdminController,
             metrics_handler(rt),

@@ -7,6 +7,8 @@ one object), errors out (`{"error": "..."}`, by this router's exception handlers
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -34,9 +36,11 @@ from server.api.schemas import (
 from server.discovery import ModelInfo
 from server.engines.base import Finished
 from server.errors import EngineFailure, InvalidRequest, LmxError
-from server.pipeline import Delta, Done, GenerateRequest, Run, Sampling
+from server.pipeline import CallEnd, Delta, Done, GenerateRequest, Reasoning, Run, Sampling
+from server.reasoning import template_thinks
 from server.runtime import Runtime
 from server.scheduler import LoadedModel
+from server.toolcalls import parse_tool_choice, parse_tools, template_takes_tools
 
 NDJSON = "application/x-ndjson"
 
@@ -61,6 +65,10 @@ class Message(msgspec.Struct, kw_only=True):
     role: str
     content: str = ""
     images: list[str] | None = None
+    thinking: str | None = None  # an earlier reply's thinking (not sent to the model again)
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls
+    tool_name: str | None = None  # a tool result: the function that gave it
+    tool_call_id: str | None = None
 
 
 # Ollama's `format`: "json", or a JSON schema the output must match.
@@ -75,6 +83,8 @@ class ChatBody(msgspec.Struct, kw_only=True):
     options: Options | None = None
     keep_alive: Duration = None
     tools: list[dict[str, Any]] | None = None
+    think: bool | str | None = None  # True (or a level): thinking in `message.thinking`
+    tool_choice: Any = None  # lmx extension (Ollama ignores it): OpenAI's tool_choice
 
 
 class GenerateBody(msgspec.Struct, kw_only=True):
@@ -87,6 +97,7 @@ class GenerateBody(msgspec.Struct, kw_only=True):
     options: Options | None = None
     keep_alive: Duration = None
     images: list[str] | None = None
+    think: bool | str | None = None
 
 
 class EmbedBody(msgspec.Struct, kw_only=True):
@@ -125,6 +136,14 @@ class NotSupported(LmxError):
     status = 501
     type = "server_error"
     code = "not_implemented"
+
+
+@functools.lru_cache(maxsize=64)
+def _template_caps(source: str) -> tuple[bool, bool]:
+    """(takes tools, thinks) for a chat template's source; probing renders it, so once each."""
+    if not source:
+        return False, False
+    return template_takes_tools(source), template_thinks(source)
 
 
 def _now() -> str:
@@ -225,6 +244,69 @@ def _request(
     )
 
 
+def _think(value: bool | str | None) -> bool | None:
+    """Ollama's `think`: a bool, or a level ("high", ...) for models that take one."""
+    if isinstance(value, str):
+        if value not in ("high", "medium", "low"):
+            raise InvalidRequest(
+                f"think must be true, false, 'high', 'medium' or 'low', not {value!r}",
+                param="think",
+            )
+        return True
+    return value
+
+
+def _messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """Ollama messages as the pipeline's: calls get ids (Ollama's may have none) and each
+    tool result is matched to the call it answers, by id, by name, or in order."""
+    out: list[dict[str, Any]] = []
+    pending: list[tuple[str, str]] = []  # (id, name) of calls not answered yet
+    for i, m in enumerate(messages):
+        msg: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            calls = []
+            for k, call in enumerate(m.tool_calls):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise InvalidRequest(
+                        f"messages[{i}].tool_calls[{k}] needs function.name", param="messages"
+                    )
+                args = fn.get("arguments", {})
+                if not isinstance(args, (dict, str)):
+                    raise InvalidRequest(
+                        f"messages[{i}].tool_calls[{k}].function.arguments must be an object",
+                        param="messages",
+                    )
+                cid = str(call.get("id") or f"call_{i}_{k}")
+                calls.append({"id": cid, "function": {"name": fn["name"], "arguments": args}})
+                pending.append((cid, fn["name"]))
+            msg["tool_calls"] = calls
+        if m.role == "tool":
+            ids = [p for p in pending if p[0] == m.tool_call_id] or [
+                p for p in pending if p[1] == m.tool_name
+            ]
+            match = ids[0] if ids else pending[0] if pending else None
+            if match is None:
+                raise InvalidRequest(
+                    f"messages[{i}] is a tool result, but no earlier assistant message made a "
+                    "tool call",
+                    param="messages",
+                )
+            pending.remove(match)
+            msg["tool_call_id"], msg["name"] = match[0], m.tool_name or match[1]
+        out.append(msg)
+    return out
+
+
+def _call(ev: CallEnd) -> dict[str, Any]:
+    """A finished call in Ollama's shape: arguments as an object."""
+    try:
+        args = json.loads(ev.arguments) if ev.arguments else {}
+    except ValueError:
+        args = {}
+    return {"id": ev.id, "function": {"index": ev.call, "name": ev.name, "arguments": args}}
+
+
 def _final(model: str, run: Run, fin: Finished) -> dict[str, Any]:
     total = time.perf_counter() - run.started
     t = fin.timings
@@ -271,20 +353,25 @@ class OllamaController(Controller):
         info = rt.catalog.resolve(data.which)
         meta = dict(info.header.metadata) if info.header else {}
         meta.pop("tokenizer.chat_template", None)
+        mc = rt.settings.model_config(info.id)
+        template = (mc.chat_template if mc else None) or info.chat_template or ""
+        tools, thinks = await asyncio.to_thread(_template_caps, template)
+        caps = ["completion", "embedding"]
+        caps += ["tools"] if tools else []
+        caps += ["thinking"] if thinks else []
         return {
             "modelfile": f"FROM {info.path}\n",
             "parameters": "",
-            "template": info.chat_template or "",
+            "template": template,
             "details": _details(info),
             "model_info": {k: v for k, v in meta.items() if not isinstance(v, list)},
-            "capabilities": ["completion", "embedding"],
+            "capabilities": caps,
             "modified_at": _tag(rt, info)["modified_at"],
         }
 
     @post("/chat", status_code=200)
     async def chat(self, rt: NamedDependency[Runtime], data: JSONBody[ChatBody]) -> Response[Any]:
-        if data.tools:
-            raise InvalidRequest("tool calling is not supported yet", param="tools")
+        tools = parse_tools(data.tools)
         if any(m.images for m in data.messages):
             raise InvalidRequest("this model does not accept images", param="messages")
         ka = keep_alive_value(data.keep_alive)
@@ -296,7 +383,10 @@ class OllamaController(Controller):
             data.format,
             ka,
             "/api/chat",
-            messages=[{"role": m.role, "content": m.content} for m in data.messages],
+            messages=_messages(data.messages),
+            tools=tools,
+            tool_choice=parse_tool_choice(data.tool_choice, tools),
+            think=_think(data.think),
         )
         return await self._respond(rt, req, data.model, data.stream, chat=True)
 
@@ -314,7 +404,15 @@ class OllamaController(Controller):
         else:
             msgs = [{"role": "system", "content": data.system}] if data.system else []
             what = {"messages": [*msgs, {"role": "user", "content": data.prompt}]}
-        req = _request(data.model, data.options, data.format, ka, "/api/generate", **what)
+        req = _request(
+            data.model,
+            data.options,
+            data.format,
+            ka,
+            "/api/generate",
+            think=_think(data.think),
+            **what,
+        )
         return await self._respond(rt, req, data.model, data.stream, chat=False)
 
     async def _load_or_unload(
@@ -342,21 +440,36 @@ class OllamaController(Controller):
         self, rt: Runtime, req: GenerateRequest, model: str, streaming: bool, *, chat: bool
     ) -> Response[Any]:
         run = await rt.service.start(req)
+        show_thinking = req.think is not False
 
-        def piece(text: str) -> dict[str, Any]:
+        def piece(
+            text: str, thinking: str = "", calls: list[dict[str, Any]] | None = None
+        ) -> dict[str, Any]:
             out: dict[str, Any] = {"model": model, "created_at": _now(), "done": False}
             if chat:
-                out["message"] = {"role": "assistant", "content": text}
+                msg: dict[str, Any] = {"role": "assistant", "content": text}
+                if thinking and show_thinking:
+                    msg["thinking"] = thinking
+                if calls:
+                    msg["tool_calls"] = calls
+                out["message"] = msg
             else:
                 out["response"] = text
+                if thinking and show_thinking:
+                    out["thinking"] = thinking
             return out
 
         if streaming:
-            return Stream(_ndjson(run, model, piece), media_type=NDJSON)
+            return Stream(_ndjson(run, model, piece, show_thinking), media_type=NDJSON)
         result = await run.result()
         if run.error:
             raise EngineFailure(run.error)
-        return Response({**piece(result.texts[0]), **_final(model, run, result.finished[0])})
+        reply = result.outputs[0]
+        calls = [
+            _call(CallEnd(0, k, c.id, c.name, c.arguments)) for k, c in enumerate(reply.tool_calls)
+        ]
+        body = piece(reply.content, reply.reasoning, calls)
+        return Response({**body, **_final(model, run, result.finished[0])})
 
     @post("/embed", status_code=200)
     async def embed(
@@ -409,11 +522,19 @@ class OllamaController(Controller):
         return Stream(_pull_progress(rt, jobs), media_type=NDJSON)
 
 
-async def _ndjson(run: Run, model: str, piece: Any) -> AsyncIterator[bytes]:
+async def _ndjson(run: Run, model: str, piece: Any, show_thinking: bool) -> AsyncIterator[bytes]:
+    """One line per piece of answer or thinking; a tool call goes out whole when it ends, with
+    its arguments as an object (as Ollama sends them)."""
     try:
         async for ev in run.events():
             if isinstance(ev, Delta):
                 yield msgspec.json.encode(piece(ev.text)) + b"\n"
+            elif isinstance(ev, Reasoning):
+                if show_thinking:
+                    yield msgspec.json.encode(piece("", ev.text)) + b"\n"
+            elif isinstance(ev, CallEnd):
+                if ev.complete:
+                    yield msgspec.json.encode(piece("", "", [_call(ev)])) + b"\n"
             elif isinstance(ev, Done):
                 if ev.finished.reason == "error":
                     yield msgspec.json.encode({"error": ev.finished.error}) + b"\n"

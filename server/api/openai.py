@@ -29,12 +29,24 @@ from server.api.schemas import (
     ResponseFormat,
     SamplingFields,
 )
+from server.chat_output import ChatOutput
 from server.discovery import ModelInfo
 from server.engines.base import Finished
 from server.errors import EngineFailure, InvalidRequest
-from server.pipeline import Delta, Done, GenerateRequest, Run, Sampling
+from server.pipeline import (
+    CallDelta,
+    CallStart,
+    Delta,
+    Done,
+    GenerateRequest,
+    Reasoning,
+    Run,
+    RunEvent,
+    Sampling,
+)
 from server.runtime import Runtime
 from server.settings import parse_duration
+from server.toolcalls import parse_tool_choice, parse_tools
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -58,9 +70,36 @@ def keep_alive_value(value: str | int | float | None) -> float | None:
         raise InvalidRequest(str(e), param="keep_alive") from e
 
 
-def messages_of(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """OpenAI messages as the pipeline's plain dicts (text parts joined)."""
+def _tool_calls_of(calls: list[dict[str, Any]], i: int) -> list[dict[str, Any]]:
+    """An assistant message's `tool_calls`, checked: each has an id, a name and arguments."""
     out = []
+    for k, call in enumerate(calls):
+        where = f"messages[{i}].tool_calls[{k}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise InvalidRequest(
+                f"Missing required parameter: '{where}.function.name'.", param=where
+            )
+        cid = call.get("id")
+        if not isinstance(cid, str) or not cid:
+            raise InvalidRequest(f"Missing required parameter: '{where}.id'.", param=f"{where}.id")
+        args = fn.get("arguments", "")
+        if not isinstance(args, (str, dict)):
+            raise InvalidRequest(
+                f"'{where}.function.arguments' must be a string of JSON.",
+                param=f"{where}.function.arguments",
+            )
+        out.append(
+            {"id": cid, "type": "function", "function": {"name": fn["name"], "arguments": args}}
+        )
+    return out
+
+
+def messages_of(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages as the pipeline's plain dicts (text parts joined; tool calls and tool
+    results checked against each other)."""
+    out = []
+    call_ids: set[str] = set()
     for i, m in enumerate(messages):
         content = m.content
         if isinstance(content, list):
@@ -82,8 +121,50 @@ def messages_of(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         }
         if m.name:
             msg["name"] = m.name
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise InvalidRequest(
+                    f"messages[{i}]: only assistant messages may have tool_calls.",
+                    param=f"messages[{i}].tool_calls",
+                )
+            msg["tool_calls"] = _tool_calls_of(m.tool_calls, i)
+            call_ids.update(c["id"] for c in msg["tool_calls"])
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise InvalidRequest(
+                    f"Missing required parameter: 'messages[{i}].tool_call_id'.",
+                    param=f"messages[{i}].tool_call_id",
+                )
+            if m.tool_call_id not in call_ids:
+                raise InvalidRequest(
+                    f"Invalid parameter: messages[{i}] with role 'tool' must answer a tool call "
+                    f"of an earlier assistant message; no call has the id '{m.tool_call_id}'.",
+                    param=f"messages[{i}].tool_call_id",
+                )
+            msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
     return out
+
+
+def chat_message(out: ChatOutput) -> dict[str, Any]:
+    """A parsed reply as an OpenAI assistant message (reasoning under both names engines
+    use: `reasoning_content` and `reasoning`)."""
+    msg: dict[str, Any] = {
+        "role": "assistant",
+        "content": out.content if out.content or not out.tool_calls else None,
+    }
+    if out.reasoning:
+        msg["reasoning_content"] = msg["reasoning"] = out.reasoning
+    if out.tool_calls:
+        msg["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            }
+            for c in out.tool_calls
+        ]
+    return msg
 
 
 def sampling_of(body: SamplingFields) -> Sampling:
@@ -188,8 +269,8 @@ class OpenAIController(Controller):
     async def chat_completions(
         self, rt: NamedDependency[Runtime], data: JSONBody[ChatCompletionRequest]
     ) -> Response[Any]:
-        if data.tools:
-            raise InvalidRequest("Tool calling is not supported yet.", param="tools")
+        tools = parse_tools(data.tools)
+        choice = parse_tool_choice(data.tool_choice, tools)
         json_mode, schema = _format(data.response_format)
         req = GenerateRequest(
             model=data.model,
@@ -197,6 +278,10 @@ class OpenAIController(Controller):
             max_tokens=data.max_completion_tokens or data.max_tokens,
             json_mode=json_mode,
             json_schema=schema,
+            grammar=data.grammar,
+            tools=tools,
+            tool_choice=choice,
+            parallel_tool_calls=data.parallel_tool_calls,
             **_common(data, "/v1/chat/completions"),
         )
         run = await rt.service.start(req)
@@ -218,9 +303,9 @@ class OpenAIController(Controller):
                 "choices": [
                     {
                         "index": i,
-                        "message": {"role": "assistant", "content": result.texts[i]},
+                        "message": chat_message(result.outputs[i]),
                         "logprobs": None,
-                        "finish_reason": result.finished[i].reason,
+                        "finish_reason": result.reasons[i],
                     }
                     for i in range(run.choices)
                 ],
@@ -351,22 +436,18 @@ async def _chat_stream(run: Run, cid: str, created: int, include_usage: bool) ->
                 }
             )
         async for ev in run.events():
-            if isinstance(ev, Delta):
-                delta: dict[str, Any] = {"content": ev.text}
-                yield chunk(
-                    {"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": None}
-                )
-            elif isinstance(ev, Done):
+            if isinstance(ev, Done):
                 if ev.finished.reason == "error":
                     yield _encode(_error_chunk(ev.finished.error or "generation failed"))
                     return
                 yield chunk(
-                    {
-                        "index": ev.index,
-                        "delta": {},
-                        "logprobs": None,
-                        "finish_reason": ev.finished.reason,
-                    }
+                    {"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.reason}
+                )
+                continue
+            delta = chat_delta(ev)
+            if delta is not None:
+                yield chunk(
+                    {"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": None}
                 )
         if include_usage:
             final = _chunk(cid, created, run.model_id, "chat.completion.chunk", [], False)
@@ -376,6 +457,23 @@ async def _chat_stream(run: Run, cid: str, created: int, include_usage: bool) ->
         yield "[DONE]"
     finally:
         await run.aclose()
+
+
+def chat_delta(ev: RunEvent) -> dict[str, Any] | None:
+    """A chunk's `delta` for one pipeline event (None: the event sends nothing). A call's id
+    and name come first, then its arguments in fragments, each with the call's index."""
+    if isinstance(ev, Delta):
+        return {"content": ev.text}
+    if isinstance(ev, Reasoning):
+        return {"reasoning_content": ev.text, "reasoning": ev.text}
+    if isinstance(ev, CallStart):
+        call = {"name": ev.name, "arguments": ""}
+        return {
+            "tool_calls": [{"index": ev.call, "id": ev.id, "type": "function", "function": call}]
+        }
+    if isinstance(ev, CallDelta):
+        return {"tool_calls": [{"index": ev.call, "function": {"arguments": ev.arguments}}]}
+    return None
 
 
 async def _text_stream(

@@ -33,6 +33,8 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -86,6 +88,8 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
+    grammar: str | None = None  # llama.cpp extension: a GBNF the reply must follow
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

@@ -62,6 +62,9 @@ class GenerationRequest:
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks, tests)
     label: str = ""  # who asked (api, tui, cli): shown in logs and the requests pane
     text: TextPrompt | None = None  # set for engines that take text
+    # Control tokens given as their text (tool-call and thinking markers the reply's parser
+    # reads); every other special token is decoded to nothing, as before.
+    preserved_tokens: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -100,10 +103,29 @@ class Finished:
     # The typed cause of an "error", when the engine knows one (an upstream's status): the
     # pipeline raises it, in the caller's dialect, if it came before any text.
     failure: LmxError | None = None
+    stop_sequence: str | None = None  # the stop string that ended it (reason "stop")
 
 
 Event = TokenText | Finished
 Sink = Callable[[Event], None]
+
+
+@dataclass
+class Progress:
+    """Live counters of one generation, written by the engine's thread as it works and read
+    by anyone (plain ints: a reader sees a recent value, never a torn one)."""
+
+    slot: int | None = None  # the engine's slot (sequence) once admitted; None while queued
+    cached: int = 0  # prompt tokens reused from the cache
+    prompt_done: int = 0  # prompt tokens in the cache so far (cached ones included)
+    generated: int = 0
+    first_token_at: float | None = None  # perf_counter
+
+    def phase(self, prompt_tokens: int) -> str:
+        """queued, prefill or decode."""
+        if self.slot is None:
+            return "queued"
+        return "decode" if self.generated or self.prompt_done >= prompt_tokens else "prefill"
 
 
 class Generation:
@@ -115,6 +137,7 @@ class Generation:
         self._cancelled = threading.Event()
         self.done = threading.Event()
         self.submitted_at = time.perf_counter()
+        self.progress = Progress()
 
     def cancel(self) -> None:
         self._cancelled.set()

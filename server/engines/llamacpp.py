@@ -94,6 +94,7 @@ class _Job:
     n_gen: int = 0
     cached: int = 0
     text_held: str = ""
+    stopped_by: str | None = None  # the stop string that matched
     decoder: Any = None
     # Another slot is prefilling a prefix this prompt shares: wait for it, then copy it.
     waiting_on: _Slot | None = None
@@ -106,6 +107,13 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)  # what this sequence holds in the KV cache
     job: _Job | None = None
     last_used: float = 0.0
+
+
+def _slot_state(slot: _Slot) -> str:
+    job = slot.job
+    if job is None:
+        return "idle"
+    return "prefill" if job.pending or job.waiting_on is not None else "decode"
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -363,6 +371,8 @@ class LlamaCppEngine:
                 "requests_total": self.requests_total,
                 "tokens_generated": self.tokens_generated,
                 "finished": dict(self.finished),
+                # Per slot: idle, prefill or decode, and the tokens its cache holds.
+                "slot_states": [(_slot_state(s), len(s.tokens)) for s in self._slots],
             }
 
     def cancel_all(self) -> None:
@@ -453,6 +463,7 @@ class LlamaCppEngine:
 
     def _attach(self, slot: _Slot, job: _Job, prompt: list[int]) -> None:
         slot.job = job
+        job.gen.progress.slot = slot.seq
         if not job.started_at:
             job.started_at = time.perf_counter()
             job.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -485,6 +496,7 @@ class LlamaCppEngine:
             best = 0
         job.cached = best
         job.pending = prompt[best:]
+        job.gen.progress.cached = job.gen.progress.prompt_done = best
 
     def _wait_for_shared_prefill(self, slot: _Slot, job: _Job, prompt: list[int]) -> bool:
         """Requests that arrive together with one long system prompt: the first computes it,
@@ -556,6 +568,7 @@ class LlamaCppEngine:
                 continue
             chunk = job.pending[:budget]
             job.pending = job.pending[len(chunk) :]
+            job.gen.progress.prompt_done += len(chunk)
             last = not job.pending
             for k, tok in enumerate(chunk):
                 i = put(tok, len(slot.tokens), slot.seq, last and k == len(chunk) - 1)
@@ -575,13 +588,15 @@ class LlamaCppEngine:
             assert job is not None
             tok = llama_cpp.llama_sampler_sample(job.sampler, self._ctx, i)
             if not job.first_token_at:
-                job.first_token_at = now
+                job.first_token_at = job.gen.progress.first_token_at = now
             if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
                 self._finish(slot, "stop")
                 continue
             job.n_gen += 1
+            job.gen.progress.generated = job.n_gen
             self.tokens_generated += 1
-            if self._emit_text(job, self._piece(tok)):
+            special = tok in job.gen.request.preserved_tokens
+            if self._emit_text(job, self._piece(tok, special)):
                 self._finish(slot, "stop")
             elif job.n_gen >= job.gen.request.max_tokens or (
                 len(slot.tokens) + 1 >= self.n_ctx_slot
@@ -600,6 +615,7 @@ class LlamaCppEngine:
                 if k:
                     job.gen.emit(TokenText(text[:k]))
                 job.text_held = ""
+                job.stopped_by = s
                 return True
         hold = 0
         for s in stops:
@@ -642,7 +658,17 @@ class LlamaCppEngine:
         )
         self.last_timings = timings
         self.finished[reason] += 1
-        job.gen.emit(Finished(reason, n_prompt, job.n_gen, job.cached, timings, error))
+        job.gen.emit(
+            Finished(
+                reason,
+                n_prompt,
+                job.n_gen,
+                job.cached,
+                timings,
+                error,
+                stop_sequence=job.stopped_by,
+            )
+        )
 
     def _fail_all(self, message: str) -> None:
         with self._cond:

@@ -76,9 +76,11 @@ class _Job:
     first_token_at: float = 0.0
     n_gen: int = 0
     text_held: str = ""
+    stopped_by: str | None = None  # the stop string that matched
     decoder: Any = None
     grammar: Any = None  # llguidance matcher, compiled at submit
     cached: int = 0  # prompt tokens taken from the prompt cache
+    slot: int = -1  # which of the engine's `parallel` places in the batch it holds
 
 
 @dataclass
@@ -115,6 +117,7 @@ class MlxEngine:
         self._cond = threading.Condition()
         self._pending: deque[_Job] = deque()
         self._active: dict[int, _Job] = {}  # mlx-lm uid -> job
+        self._slots: list[_Job | None] = [None] * max(1, self.options.parallel)
         self._calls: deque[_Call] = deque()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -182,6 +185,12 @@ class MlxEngine:
         )
         self._grammar_vocab = max(self.n_vocab, len(tokenizer))
         self._token_bytes = _token_bytes_table(backend, self._grammar_vocab)
+        # Control tokens' own text, emitted only for a request's preserved tokens.
+        self._special_bytes = {
+            i: t.content.encode("utf-8")
+            for i, t in backend.get_added_tokens_decoder().items()
+            if t.special
+        }
         self._eos = sorted(int(t) for t in tokenizer.eos_token_ids)
         n_train = self.info.context_length or 0
         opts = self.options
@@ -358,6 +367,8 @@ class MlxEngine:
                 "requests_total": self.requests_total,
                 "tokens_generated": self.tokens_generated,
                 "finished": dict(self.finished),
+                # Per slot: idle, prefill or decode, and the tokens its sequence holds.
+                "slot_states": [_slot_state(j) for j in self._slots],
             }
 
     def cancel_all(self) -> None:
@@ -528,6 +539,11 @@ class MlxEngine:
             else:
                 cache, rest = None, prompt
         job.cached = len(prompt) - len(rest)
+        job.slot = self._slots.index(None)  # admitted only while a slot is free
+        self._slots[job.slot] = job
+        progress = job.gen.progress
+        progress.slot = job.slot
+        progress.cached = progress.prompt_done = job.cached
         stops = StopSequences([] if req.ignore_eos else [[t] for t in self._eos])
         (uid,) = self._generator.insert(
             [rest],
@@ -596,7 +612,9 @@ class MlxEngine:
             if job is None:
                 continue
             if not job.first_token_at:
-                job.first_token_at = now
+                # mlx-lm prefills inside next(): the whole prompt is in by the first token.
+                job.first_token_at = job.gen.progress.first_token_at = now
+                job.gen.progress.prompt_done = len(job.gen.request.prompt_tokens)
             token = int(r.token)
             if r.finish_reason is not None:
                 self._keep_cache(r.all_tokens, r.prompt_cache)
@@ -604,8 +622,12 @@ class MlxEngine:
                 self._finish(job, "stop")
                 continue
             job.n_gen += 1
+            job.gen.progress.generated = job.n_gen
             self.tokens_generated += 1
-            piece = self._token_bytes[token] if token < len(self._token_bytes) else b""
+            if token in job.gen.request.preserved_tokens:
+                piece = self._special_bytes.get(token) or self._token_bytes[token]
+            else:
+                piece = self._token_bytes[token] if token < len(self._token_bytes) else b""
             if self._emit_text(job, piece):
                 if r.finish_reason is None:
                     self._remove([r.uid])
@@ -635,6 +657,7 @@ class MlxEngine:
                 if k:
                     job.gen.emit(TokenText(text[:k]))
                 job.text_held = ""
+                job.stopped_by = s
                 return True
         hold = 0
         for s in stops:
@@ -654,6 +677,8 @@ class MlxEngine:
     def _finish(self, job: _Job, reason: str, error: str | None = None) -> None:
         with self._cond:
             self._active.pop(job.uid, None)
+            if 0 <= job.slot < len(self._slots) and self._slots[job.slot] is job:
+                self._slots[job.slot] = None
         # Text held back as a possible stop string is real text (see the llama.cpp engine).
         if job.text_held and reason != "error":
             job.gen.emit(TokenText(job.text_held))
@@ -674,7 +699,17 @@ class MlxEngine:
         )
         self.last_timings = timings
         self.finished[reason] += 1
-        job.gen.emit(Finished(reason, n_prompt, job.n_gen, job.cached, timings, error))
+        job.gen.emit(
+            Finished(
+                reason,
+                n_prompt,
+                job.n_gen,
+                job.cached,
+                timings,
+                error,
+                stop_sequence=job.stopped_by,
+            )
+        )
 
     def _fail_all(self, message: str) -> None:
         with self._cond:
@@ -718,6 +753,13 @@ class _GrammarMask:
             bits = np.pad(bits, (0, width - len(bits)))
         allowed = mx.array(bits.astype(np.bool_))
         return mx.where(allowed, logits, mx.array(float("-inf"), dtype=logits.dtype))
+
+
+def _slot_state(job: _Job | None) -> tuple[str, int]:
+    if job is None:
+        return ("idle", 0)
+    n_prompt = len(job.gen.request.prompt_tokens)
+    return ("decode" if job.first_token_at else "prefill", n_prompt + job.n_gen)
 
 
 def _default_template(template: Any) -> str | None:
