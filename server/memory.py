@@ -1,4 +1,5 @@
-"""Memory before loading: an estimate from the GGUF header, and the budget it must fit."""
+"""Memory before loading: an estimate from the GGUF header (or an MLX directory's config and
+safetensors headers), and the budget it must fit."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import psutil
 from server.gguf import GGUFHeader
 
 if TYPE_CHECKING:
+    from server.discovery import ModelInfo
+    from server.mlx_meta import MlxMeta
     from server.offload import Placement
 
 KV_BYTES_PER_VALUE = 2  # llama.cpp's default KV cache type is f16
@@ -20,6 +23,13 @@ UBATCH = 63  # the engine's ubatch (see server.engines.llamacpp.BATCH_INVARIANT_
 # llama.cpp's scratch for one ubatch (logits and activations), measured here on SmolLM2-135M
 # and Gemma-3-270M: about 4 bytes x ubatch x (vocabulary + 64 x embedding width).
 COMPUTE_EMBD_FACTOR = 64
+# mlx-lm grows each KV cache in steps of this many tokens.
+MLX_KV_STEP = 256
+# mlx-lm's prefill chunk (EngineOptions.n_batch): its activations are part of MLX's compute.
+MLX_PREFILL_STEP = 512
+# A loaded Hugging Face tokenizer takes about this many times its files' size (measured: 40 MB
+# for SmolLM2's 3.5 MB tokenizer.json, with the engine's own token table).
+MLX_TOKENIZER_FACTOR = 12
 DEFAULT_BUDGET_SHARE = 0.8  # of the RAM available when lmx starts
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -92,6 +102,34 @@ def estimate(header: GGUFHeader, ctx: int, parallel: int) -> MemoryEstimate:
     compute = 4 * UBATCH * (vocab + COMPUTE_EMBD_FACTOR * n_embd)
     weights = sum(t.n_bytes or 0 for t in header.tensors) or header.weights_bytes
     return MemoryEstimate(weights, kv, compute, ctx, parallel)
+
+
+def estimate_mlx(meta: MlxMeta, ctx: int, parallel: int) -> MemoryEstimate:
+    """Weights as stored in the safetensors files (MLX keeps quantized weights packed), a KV
+    cache of layers x KV heads x head dim x 2 (K and V) x ctx x slots in the activation dtype
+    (mlx-lm allocates it as the context fills, in 256-token steps), and as compute one prefill
+    chunk's activations, each slot's logits and the tokenizer's objects."""
+    n_train = meta.context_length or ctx
+    ctx = max(64, min(ctx, n_train))
+    kv_ctx = -(-ctx // MLX_KV_STEP) * MLX_KV_STEP
+    fb = meta.float_bytes
+    kv = meta.layers * parallel * kv_ctx * meta.kv_heads * meta.head_dim * 2 * fb
+    step = min(MLX_PREFILL_STEP, ctx)
+    heads = int(meta.value("num_attention_heads", 0) or 0)
+    width = 4 * meta.hidden_size + 3 * meta.intermediate_size
+    compute = fb * step * (width + heads * ctx) + 4 * parallel * meta.vocab_size
+    compute += MLX_TOKENIZER_FACTOR * meta.tokenizer_bytes
+    return MemoryEstimate(meta.weights_bytes, kv, compute, ctx, parallel)
+
+
+def estimate_by_format(info: ModelInfo, ctx: int, parallel: int) -> MemoryEstimate:
+    """The estimate for any usable model, by its format. Raises ValueError for one without the
+    metadata an estimate needs (an unusable entry)."""
+    if info.mlx is not None:
+        return estimate_mlx(info.mlx, ctx, parallel)
+    if info.header is not None:
+        return estimate(info.header, ctx, parallel)
+    raise ValueError(f"no metadata to estimate '{info.id}' from: {info.error}")
 
 
 def parse_size(text: str) -> int:

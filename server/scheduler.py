@@ -35,7 +35,13 @@ from server.engines.base import Engine, EngineOptions
 from server.errors import EngineFailure, ModelsBusy, ModelTooLarge, ModelUnusable
 from server.events import EventBus
 from server.gpus import VRAM_RESERVE, Gpu, GpuInventory
-from server.memory import MemoryEstimate, baseline_rss, default_budget, estimate, process_rss
+from server.memory import (
+    MemoryEstimate,
+    baseline_rss,
+    default_budget,
+    estimate_by_format,
+    process_rss,
+)
 from server.offload import GpuRoom, LayerSizes, on_host, place, placed
 from server.settings import ConfigStore, Settings
 from server.units import human_size
@@ -44,13 +50,14 @@ log = logging.getLogger(__name__)
 
 
 def estimate_model(info: ModelInfo, options: EngineOptions) -> MemoryEstimate:
-    """The memory estimate for a model file (GGUF header), at these options. An upstream
-    model runs on another server: it costs nothing here, and so never evicts a local one."""
+    """The memory estimate for a model (GGUF header, or an MLX directory's config and
+    safetensors headers), at these options. An upstream model runs on another server: it costs
+    nothing here, and so never evicts a local one."""
     if info.format == "upstream":
         return MemoryEstimate(0, 0, 0, options.n_ctx, options.parallel)
-    if info.header is None:
+    if info.header is None and info.mlx is None:
         raise ModelUnusable(f"The model '{info.id}' has no readable header.", param="model")
-    return estimate(info.header, options.n_ctx, options.parallel)
+    return estimate_by_format(info, options.n_ctx, options.parallel)
 
 
 def _check_loadable(info: ModelInfo) -> None:

@@ -22,6 +22,10 @@ def create_engine(info: ModelInfo, options: EngineOptions) -> Engine:
         from server.engines.llamacpp import LlamaCppEngine
 
         return LlamaCppEngine(info, options)
+    if info.format == "mlx":
+        from server.engines.mlx import MlxEngine
+
+        return MlxEngine(info, options)
     if info.format == "upstream":
         from server.engines.upstream import UpstreamEngine
 
