@@ -16,6 +16,7 @@ from server.gguf import GGUFHeader
 if TYPE_CHECKING:
     from server.discovery import ModelInfo
     from server.mlx_meta import MlxMeta
+    from server.offload import Placement
 
 KV_BYTES_PER_VALUE = 2  # llama.cpp's default KV cache type is f16
 UBATCH = 63  # the engine's ubatch (see server.engines.llamacpp.BATCH_INVARIANT_UBATCH)
@@ -55,17 +56,21 @@ class MemoryEstimate:
     compute: int
     ctx: int
     parallel: int
+    # How it splits between RAM and GPUs (server/offload.py); None: all in RAM.
+    placement: Placement | None = None
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.compute
 
     def by_device(self) -> dict[str, int]:
-        """Bytes per device ("ram"; GPUs by index once offload is estimated)."""
+        """Bytes per device: "ram", and "gpu0", "gpu1"... for the GPUs that hold layers."""
+        if self.placement is not None:
+            return self.placement.devices(self.total)
         return {"ram": self.total}
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "weights": self.weights,
             "kv_cache": self.kv_cache,
             "compute": self.compute,
@@ -73,6 +78,10 @@ class MemoryEstimate:
             "ctx": self.ctx,
             "parallel": self.parallel,
         }
+        out["devices"] = self.by_device()
+        if self.placement is not None:
+            out["offload"] = self.placement.as_dict()
+        return out
 
 
 def estimate(header: GGUFHeader, ctx: int, parallel: int) -> MemoryEstimate:

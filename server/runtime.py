@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from server.catalog import Catalog
@@ -14,6 +15,7 @@ from server.downloads import Download, DownloadQueue
 from server.engines import EngineFactory, create_engine
 from server.errors import InvalidRequest
 from server.events import EventBus
+from server.gpus import GpuInventory
 from server.keys import KeyStore
 from server.pipeline import GenerationService
 from server.scheduler import Clock, Scheduler
@@ -33,6 +35,8 @@ class Runtime:
         *,
         engine_factory: EngineFactory = create_engine,
         clock: Clock | None = None,
+        gpus: GpuInventory | None = None,
+        gpu_offload: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config if isinstance(config, ConfigStore) else ConfigStore.fixed(config)
         self.events = EventBus()
@@ -43,7 +47,13 @@ class Runtime:
         self.catalog = Catalog(self.config, sources=[self.upstreams.models])
         self.upstreams.watch(lambda: self.catalog.refresh(files=False))
         self.scheduler = Scheduler(
-            self.config, self.catalog, self.events, engine_factory=engine_factory, clock=clock
+            self.config,
+            self.catalog,
+            self.events,
+            engine_factory=engine_factory,
+            clock=clock,
+            gpus=gpus,
+            gpu_offload=gpu_offload,
         )
         self.catalog.in_use = lambda model_id: self.scheduler.get(model_id) is not None
         self.service = GenerationService(self.catalog, self.scheduler, self.requests)

@@ -265,10 +265,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "gpu_layers",
         "int",
-        "layers offloaded to the GPU (-1: all, the default)",
+        "layers offloaded to NVIDIA GPUs (-1: as many as fit the free VRAM, the default)",
         "--gpu-layers",
         "model",
         -1,
+        per_model=True,
+    ),
+    Setting(
+        "main_gpu",
+        "int",
+        "put models on this GPU alone (its CUDA index; default: the one with most free VRAM, "
+        "else spread over all)",
+        "--main-gpu",
+        "model",
+        0,
         per_model=True,
     ),
     Setting(
@@ -334,6 +344,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ctx: int | None = None
     parallel: int | None = None
     gpu_layers: int | None = None
+    main_gpu: int | None = None
     keep_alive: str | int | float | None = None
     chat_template: str | None = None
     reasoning: bool | None = None
@@ -423,6 +434,7 @@ class Settings:
     parallel: int = 4
     threads: int = 0
     gpu_layers: int = -1
+    main_gpu: int | None = None  # None: lmx chooses
     max_queue: int = 64
     max_memory: int | None = None  # bytes; None: a safe share of the RAM available at start
     max_loaded_models: int = 0  # 0: no limit but memory
