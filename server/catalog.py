@@ -183,11 +183,20 @@ class Catalog:
     def digest(self, info: ModelInfo) -> str:
         """The sha256 of the model's file: known from the store's blob name when it keeps one
         (Hugging Face cache, Ollama), else computed once and cached by path, size and mtime.
-        An upstream's model has no file here: the digest of its URL and id stands for it."""
+        An upstream's model has no file here: the digest of its URL and id stands for it.
+        A model that is a directory (MLX) gets one sha256 over its files' names and digests."""
         if info.upstream is not None:
             ref = f"{info.upstream.server.url}#{info.upstream.model}"
             return hashlib.sha256(ref.encode()).hexdigest()
-        blob = info.path.resolve()
+        path = info.path.resolve()
+        if not path.is_dir():
+            return self._file_digest(path)
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.iterdir() if p.is_file()):
+            h.update(f"{f.name}\0{self._file_digest(f.resolve())}\n".encode())
+        return h.hexdigest()
+
+    def _file_digest(self, blob: Path) -> str:
         m = _HEX64.fullmatch(blob.name)
         if m:
             return m.group(1)

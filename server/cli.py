@@ -249,7 +249,10 @@ def cmd_ls(
                             "/admin/estimate", model=m["id"], ctx=args.ctx, parallel=args.parallel
                         )
                         m["memory_estimate"], m["fits"] = est["estimate"], est["fits"]
-            budget = client.get("/admin/models")["budget_bytes"]
+                        m["fits_alone"] = est["fits_alone"]
+            listing = client.get("/admin/models")
+            budget = listing["budget_bytes"]
+            budgets = listing.get("budgets") or {"ram": budget}
     else:
         from server.api.admin import describe_model
         from server.runtime import Runtime
@@ -258,6 +261,7 @@ def cmd_ls(
         try:
             models = [describe_model(rt, m) for m in rt.catalog.models()]
             budget = rt.scheduler.budget
+            budgets = rt.scheduler.budgets()
         finally:
             rt.close()
     if as_json:
@@ -265,7 +269,7 @@ def cmd_ls(
         print(json.dumps([_only(m, keep) for m in models], indent=2))
         return
     if with_estimate:
-        _print_estimates(models, budget)
+        _print_estimates(models, budget, budgets)
         return
     rows = [("ID", "ARCH", "PARAMS", "QUANT", "SIZE", "CTX", "SOURCE", "STATE")]
     notes = []
@@ -322,12 +326,17 @@ def _only(m: dict[str, Any], keys: tuple[str, ...] | None) -> dict[str, Any]:
     return m if keys is None else {k: m.get(k) for k in keys}
 
 
-def _print_estimates(models: list[dict[str, Any]], budget: int) -> None:
-    rows = [("ID", "CTX", "SLOTS", "WEIGHTS", "KV CACHE", "COMPUTE", "TOTAL", "FITS")]
+def _print_estimates(models: list[dict[str, Any]], budget: int, budgets: dict[str, int]) -> None:
+    placed = [m for m in models if (m.get("memory_estimate") or {}).get("offload")]
+    gpu = ("GPU",) if placed else ()
+    rows = [("ID", "CTX", "SLOTS", "WEIGHTS", "KV CACHE", "COMPUTE", "TOTAL", *gpu, "FITS")]
     for m in models:
         est = m.get("memory_estimate")
         if not m["usable"] or not est:
             continue
+        fits = m.get("fits_alone")
+        if fits is None:
+            fits = est["total"] <= budget
         rows.append(
             (
                 m["id"],
@@ -337,11 +346,27 @@ def _print_estimates(models: list[dict[str, Any]], budget: int) -> None:
                 human_size(est["kv_cache"]),
                 human_size(est["compute"]),
                 human_size(est["total"]),
-                "yes" if est["total"] <= budget else "no",
+                *((_gpu_cell(est),) if gpu else ()),
+                "yes" if fits else "no",
             )
         )
     _table(rows)
-    print(f"\nbudget {human_size(budget)} (--max-memory)")
+    if placed:
+        print()
+        for m in placed:
+            print(f"  {m['id']}: {m['memory_estimate']['offload']['note']}")
+    gpus = [
+        f"GPU {d.removeprefix('gpu')} {human_size(b)}" for d, b in budgets.items() if d != "ram"
+    ]
+    print(f"\nbudget {human_size(budget)} (--max-memory)" + "".join(f", {g}" for g in gpus))
+
+
+def _gpu_cell(est: dict[str, Any]) -> str:
+    """Offloaded layers and the VRAM they take: '18/31 1.2 GB'."""
+    off = est.get("offload") or {}
+    vram = sum(b for d, b in (est.get("devices") or {}).items() if d != "ram")
+    layers = f"{off.get('gpu_layers', 0)}/{off.get('layers', '?')}"
+    return f"{layers} {human_size(vram)}" if vram else layers
 
 
 def _need_server(settings: Settings) -> Any:

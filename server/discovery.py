@@ -1,9 +1,15 @@
-"""Finds models where users already keep them and describes each one from its GGUF header.
+"""Finds models where users already keep them and describes each one from its GGUF header
+or, for an MLX model directory, its config.json and safetensors headers.
 
 Model ids (stable, readable, lowercase):
 - the packaged default: the file name without `.gguf` (`smollm2-135m-instruct.q4_1`);
 - a file under a model dir: its path relative to that dir without `.gguf` (`llama/tiny.q8_0`);
+- an MLX directory under a model dir: its path relative to that dir
+  (`mlx-community/smollm2-135m-instruct-4bit`); a model dir that is itself an MLX directory:
+  its folder name;
 - a file in the Hugging Face cache: `<org>/<repo>/<file name without .gguf>`;
+- an MLX repository in the Hugging Face cache: `<org>/<repo>` (plus `/<subfolder>` when the
+  model sits in a subfolder of the snapshot);
 - a model in Ollama's store: its Ollama name (`llama3.2:3b`, `hf.co/user/repo:q4_k_m`);
 - a file in LM Studio's folders: `<publisher>/<repo>/<file name without .gguf>`.
 A model is also reachable by any unique prefix of its id or of its last path segment, by an
@@ -24,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.gguf import GGUFError, GGUFHeader, read_gguf
+from server.mlx_meta import MlxMeta, MlxMetaError, looks_like_mlx_dir, read_mlx_meta, weight_files
 from server.safe_text import printable
 
 if TYPE_CHECKING:
@@ -47,6 +54,7 @@ class ModelInfo:
     error: str | None = None
     aliases: list[str] = field(default_factory=list)
     format: str = "gguf"  # which engine runs it: gguf (llama.cpp), mlx, upstream
+    mlx: MlxMeta | None = None  # format "mlx": config, tokenizer and safetensors headers
     upstream: UpstreamModel | None = None  # format "upstream": the server and its model id
     keep_alive: float | None = None  # its source's default keep_alive ([models."id"] wins)
 
@@ -62,24 +70,34 @@ class ModelInfo:
 
     @property
     def architecture(self) -> str | None:
+        if self.mlx is not None:
+            return self.mlx.architecture
         return self.header.architecture if self.header else None
 
     @property
     def parameters(self) -> int | None:
+        if self.mlx is not None:
+            return self.mlx.parameter_count
         return self.header.parameter_count if self.header else None
 
     @property
     def quantization(self) -> str | None:
+        if self.mlx is not None:
+            return self.mlx.quantization
         return self.header.quantization if self.header else None
 
     @property
     def context_length(self) -> int | None:
+        if self.mlx is not None:
+            return self.mlx.context_length
         if self.upstream is not None:
             return self.upstream.context_length
         return self.header.context_length if self.header else None
 
     @property
     def chat_template(self) -> str | None:
+        if self.mlx is not None:
+            return self.mlx.chat_template
         return self.header.chat_template if self.header else None
 
     def describe(self) -> dict[str, Any]:
@@ -128,6 +146,34 @@ def describe_file(model_id: str, path: Path, source: str) -> ModelInfo:
     return ModelInfo(model_id, path, source, size, header=header)
 
 
+def describe_mlx_dir(model_id: str, folder: Path, source: str) -> ModelInfo:
+    """Read an MLX model directory's config and safetensors headers; a bad directory becomes an
+    unusable entry, never an exception."""
+    size = 0
+    for f in weight_files(folder):
+        try:
+            size += f.stat().st_size
+        except OSError:
+            continue
+    try:
+        meta = read_mlx_meta(folder)
+    except MlxMetaError as e:
+        return ModelInfo(model_id, folder, source, size, error=str(e), format="mlx")
+    error = None if mlx_engine_installed() else MLX_MISSING
+    return ModelInfo(model_id, folder, source, size, error=error, format="mlx", mlx=meta)
+
+
+MLX_MISSING = "the MLX engine is not installed (pip install 'opta-lmx[mlx]')"
+
+
+def mlx_engine_installed() -> bool:
+    """Whether mlx-lm can be imported here (located, never imported)."""
+    try:
+        return importlib.util.find_spec("mlx_lm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _shard_files(first: Path) -> list[Path]:
     m = _SHARD.search(first.stem)
     if not m:
@@ -159,12 +205,19 @@ def scan_default() -> list[ModelInfo]:
 
 
 def scan_dir(root: Path) -> list[ModelInfo]:
-    """Every GGUF under `root`, recursively; the first shard stands for a split model."""
+    """Every GGUF and MLX model directory under `root`, recursively; the first shard stands for
+    a split GGUF."""
     root = root.expanduser()
     if not root.is_dir():
         return []
     out = []
     for p in sorted(root.rglob("*")):
+        if p.name == "config.json" and looks_like_mlx_dir(p.parent):
+            folder = p.parent
+            rel = folder.relative_to(root).as_posix()
+            model_id = (root.name if rel == "." else rel).lower()
+            out.append(describe_mlx_dir(model_id, folder, f"dir:{root}"))
+            continue
         if not p.name.lower().endswith(".gguf") or _is_later_shard(p):
             continue
         if not p.is_file():
@@ -175,7 +228,8 @@ def scan_dir(root: Path) -> list[ModelInfo]:
 
 
 def scan_hf_cache(cache_dir: Path | None = None) -> list[ModelInfo]:
-    """GGUF files in the Hugging Face hub cache, newest revision of each repository."""
+    """GGUF files and MLX model directories in the Hugging Face hub cache, newest revision of
+    each repository."""
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
@@ -191,7 +245,13 @@ def scan_hf_cache(cache_dir: Path | None = None) -> list[ModelInfo]:
         if repo.repo_type != "model" or not repo.revisions:
             continue
         rev = max(repo.revisions, key=lambda r: r.last_modified)
+        snapshot = Path(rev.snapshot_path)
         for f in sorted(rev.files, key=lambda f: f.file_name):
+            folder = Path(f.file_path).parent
+            if f.file_name == "config.json" and looks_like_mlx_dir(folder):
+                rel = folder.relative_to(snapshot).as_posix()
+                model_id = (repo.repo_id if rel == "." else f"{repo.repo_id}/{rel}").lower()
+                out.append(describe_mlx_dir(model_id, folder, "hf-cache"))
             if not f.file_name.lower().endswith(".gguf") or _is_later_shard(f.file_path):
                 continue
             rel = f.file_path.relative_to(rev.snapshot_path).as_posix()

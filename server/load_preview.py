@@ -67,6 +67,8 @@ class LoadPreview:
             return ""
         e = self.estimate
         over = [d for d, b in e.by_device().items() if b > self.budgets.get(d, 0)]
+        if e.placement is not None and over and "ram" not in over:
+            return f"{self.model}: {e.placement.note}"
         budget = sum(self.budgets.get(d, 0) for d in over)
         return (
             f"{self.model} needs about {human_size(e.total)} (weights {human_size(e.weights)}, "

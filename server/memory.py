@@ -1,4 +1,5 @@
-"""Memory before loading: an estimate from the GGUF header, and the budget it must fit."""
+"""Memory before loading: an estimate from the GGUF header (or an MLX directory's config and
+safetensors headers), and the budget it must fit."""
 
 from __future__ import annotations
 
@@ -6,11 +7,16 @@ import ctypes
 import ctypes.util
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from server.gguf import GGUFHeader
+
+if TYPE_CHECKING:
+    from server.discovery import ModelInfo
+    from server.mlx_meta import MlxMeta
+    from server.offload import Placement
 
 # Bytes per stored K or V value, by cache type: f16, and ggml's blocks of 32 values (an f16 scale
 # plus 32 bytes for q8_0, 16 for q4_0).
@@ -28,6 +34,13 @@ COMPUTE_EMBD_FACTOR = 12
 # llama.cpp's own tables for the vocabulary (token texts, scores, lookup maps): measured about
 # 200 bytes a token (SmolLM2's 49k tokens, Gemma-3's 262k), counted with the compute buffers.
 VOCAB_TABLE_BYTES = 200
+# mlx-lm grows each KV cache in steps of this many tokens.
+MLX_KV_STEP = 256
+# mlx-lm's prefill chunk (EngineOptions.n_batch): its activations are part of MLX's compute.
+MLX_PREFILL_STEP = 512
+# A loaded Hugging Face tokenizer takes about this many times its files' size (measured: 40 MB
+# for SmolLM2's 3.5 MB tokenizer.json, with the engine's own token table).
+MLX_TOKENIZER_FACTOR = 12
 DEFAULT_BUDGET_SHARE = 0.8  # of the RAM available when lmx starts
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -54,17 +67,21 @@ class MemoryEstimate:
     compute: int
     ctx: int
     parallel: int
+    # How it splits between RAM and GPUs (server/offload.py); None: all in RAM.
+    placement: Placement | None = None
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.compute
 
     def by_device(self) -> dict[str, int]:
-        """Bytes per device ("ram"; GPUs by index once offload is estimated)."""
+        """Bytes per device: "ram", and "gpu0", "gpu1"... for the GPUs that hold layers."""
+        if self.placement is not None:
+            return self.placement.devices(self.total)
         return {"ram": self.total}
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "weights": self.weights,
             "kv_cache": self.kv_cache,
             "compute": self.compute,
@@ -72,6 +89,10 @@ class MemoryEstimate:
             "ctx": self.ctx,
             "parallel": self.parallel,
         }
+        out["devices"] = self.by_device()
+        if self.placement is not None:
+            out["offload"] = self.placement.as_dict()
+        return out
 
 
 def estimate(
@@ -122,6 +143,42 @@ def prompt_cache_ram(budget: int, setting: int | None) -> int:
     if setting is not None:
         return max(0, min(setting, budget))
     return int(min(budget * PROMPT_CACHE_SHARE, PROMPT_CACHE_MAX))
+
+
+def estimate_mlx(meta: MlxMeta, ctx: int, parallel: int) -> MemoryEstimate:
+    """Weights as stored in the safetensors files (MLX keeps quantized weights packed), a KV
+    cache of layers x KV heads x head dim x 2 (K and V) x ctx x slots in the activation dtype
+    (mlx-lm allocates it as the context fills, in 256-token steps), and as compute one prefill
+    chunk's activations, each slot's logits and the tokenizer's objects."""
+    n_train = meta.context_length or ctx
+    ctx = max(64, min(ctx, n_train))
+    kv_ctx = -(-ctx // MLX_KV_STEP) * MLX_KV_STEP
+    fb = meta.float_bytes
+    kv = meta.layers * parallel * kv_ctx * meta.kv_heads * meta.head_dim * 2 * fb
+    step = min(MLX_PREFILL_STEP, ctx)
+    heads = int(meta.value("num_attention_heads", 0) or 0)
+    width = 4 * meta.hidden_size + 3 * meta.intermediate_size
+    compute = fb * step * (width + heads * ctx) + 4 * parallel * meta.vocab_size
+    compute += MLX_TOKENIZER_FACTOR * meta.tokenizer_bytes
+    return MemoryEstimate(meta.weights_bytes, kv, compute, ctx, parallel)
+
+
+def estimate_by_format(
+    info: ModelInfo,
+    ctx: int,
+    parallel: int,
+    cache_type_k: str = "f16",
+    cache_type_v: str = "f16",
+    batch_invariant: bool = True,
+) -> MemoryEstimate:
+    """The estimate for any usable model, by its format (the KV cache types and the ubatch
+    apply to GGUF models). Raises ValueError for one without the metadata an estimate needs
+    (an unusable entry)."""
+    if info.mlx is not None:
+        return estimate_mlx(info.mlx, ctx, parallel)
+    if info.header is not None:
+        return estimate(info.header, ctx, parallel, cache_type_k, cache_type_v, batch_invariant)
+    raise ValueError(f"no metadata to estimate '{info.id}' from: {info.error}")
 
 
 def parse_size(text: str) -> int:

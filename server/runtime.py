@@ -4,8 +4,10 @@ the CLI all take a Runtime; each part can also be built alone (tests do)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from server.catalog import Catalog
@@ -14,6 +16,7 @@ from server.engines import EngineFactory, create_engine
 from server.engines.prefix_store import PrefixStore
 from server.errors import InvalidRequest
 from server.events import EventBus
+from server.gpus import GpuInventory
 from server.keys import KeyStore
 from server.memory import default_budget, prompt_cache_ram
 from server.pipeline import GenerationService
@@ -41,6 +44,8 @@ class Runtime:
         *,
         engine_factory: EngineFactory = create_engine,
         clock: Clock | None = None,
+        gpus: GpuInventory | None = None,
+        gpu_offload: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config if isinstance(config, ConfigStore) else ConfigStore.fixed(config)
         self.events = EventBus()
@@ -66,6 +71,8 @@ class Runtime:
             engine_factory=engine_factory,
             clock=clock,
             prefix_store=self.prefix_store,
+            gpus=gpus,
+            gpu_offload=gpu_offload,
         )
         self.catalog.in_use = lambda model_id: self.scheduler.get(model_id) is not None
         self.service = GenerationService(self.catalog, self.scheduler, self.requests)
@@ -131,17 +138,22 @@ class Runtime:
             )
         self.scheduler.unload(info.id)
         link = info.path
-        blob = link.resolve()
-        link.unlink(missing_ok=True)
+        # A GGUF is one link into the blobs; an MLX model a snapshot folder of them.
+        links = [p for p in link.iterdir() if p.is_symlink()] if link.is_dir() else [link]
+        blobs = {p.resolve() for p in links}
+        for p in links:
+            p.unlink(missing_ok=True)
+        if link.is_dir():
+            with contextlib.suppress(OSError):  # files of its own or other models: it stays
+                link.rmdir()
         repo_dir = link
         while repo_dir.parent.name != "snapshots" and repo_dir != repo_dir.parent:
             repo_dir = repo_dir.parent
         blobs_dir = repo_dir.parent.parent / "blobs"
-        users = [
-            p for p in repo_dir.parent.parent.rglob("*") if p.is_symlink() and p.resolve() == blob
-        ]
-        if blob.parent == blobs_dir and not users:
-            blob.unlink(missing_ok=True)
+        used = {p.resolve() for p in repo_dir.parent.parent.rglob("*") if p.is_symlink()}
+        for blob in blobs:
+            if blob.parent == blobs_dir and blob not in used:
+                blob.unlink(missing_ok=True)
         self.catalog.refresh()
         self.events.publish("removed", info.id, path=str(link))
         return link

@@ -30,33 +30,37 @@ from typing import Protocol
 
 from server.catalog import Catalog
 from server.discovery import ModelInfo
-from server.engines import EngineFactory, create_engine
+from server.engines import EngineFactory, create_engine, gpu_offload_supported
 from server.engines.base import Engine, EngineOptions
 from server.engines.prefix_store import PrefixStore
 from server.errors import EngineFailure, ModelsBusy, ModelTooLarge, ModelUnusable
 from server.events import EventBus
+from server.gpus import VRAM_RESERVE, Gpu, GpuInventory
 from server.memory import (
     MemoryEstimate,
     baseline_rss,
     default_budget,
-    estimate,
+    estimate_by_format,
     process_rss,
     prompt_cache_ram,
 )
+from server.offload import GpuRoom, LayerSizes, on_host, place, placed
 from server.settings import ConfigStore, Settings
+from server.units import human_size
 
 log = logging.getLogger(__name__)
 
 
 def estimate_model(info: ModelInfo, options: EngineOptions) -> MemoryEstimate:
-    """The memory estimate for a model file (GGUF header), at these options. An upstream
-    model runs on another server: it costs nothing here, and so never evicts a local one."""
+    """The memory estimate for a model (GGUF header, or an MLX directory's config and
+    safetensors headers), at these options. An upstream model runs on another server: it costs
+    nothing here, and so never evicts a local one."""
     if info.format == "upstream":
         return MemoryEstimate(0, 0, 0, options.n_ctx, options.parallel)
-    if info.header is None:
+    if info.header is None and info.mlx is None:
         raise ModelUnusable(f"The model '{info.id}' has no readable header.", param="model")
-    return estimate(
-        info.header,
+    return estimate_by_format(
+        info,
         options.n_ctx,
         options.parallel,
         options.cache_type_k,
@@ -206,6 +210,8 @@ class Scheduler:
         background: bool = True,
         estimator: Callable[[ModelInfo, EngineOptions], MemoryEstimate] | None = None,
         prefix_store: PrefixStore | None = None,
+        gpus: GpuInventory | None = None,
+        gpu_offload: Callable[[], bool] | None = None,
     ) -> None:
         self.config = config
         self.catalog = catalog
@@ -225,6 +231,10 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._background = background  # False: the caller runs tick() (virtual-time tests)
         self._estimator = estimator or estimate_model
+        # NVIDIA GPUs (NVML) and whether the engine can use them; asked only once a GPU is seen.
+        self.gpus = gpus or GpuInventory()
+        self._gpu_offload = gpu_offload or gpu_offload_supported
+        self._offload_ok: bool | None = None
         self.waiting: dict[str, list[str]] = {}  # loads waiting for room -> what blocks them
         # Prompt prefixes beyond the slots and across unloads, shared by every model. It lives
         # in the budget that loaded models leave: its cap follows every load and unload.
@@ -244,8 +254,47 @@ class Scheduler:
         return self.settings.max_memory or self._ram_default
 
     def budgets(self) -> dict[str, int]:
-        """The budget per device."""
-        return {"ram": self.budget}
+        """The budget per device: RAM, and each GPU's VRAM lmx may use (when the engine can
+        offload to it): what is free now plus what lmx's own models take, less a reserve."""
+        out = {"ram": self.budget}
+        gpus = self.usable_gpus()
+        if gpus:
+            with self._cond:
+                ours = self._vram_used()
+            for g in gpus:
+                out[g.device] = max(0, g.free + ours.get(g.device, 0) - VRAM_RESERVE)
+        return out
+
+    def usable_gpus(self) -> list[Gpu]:
+        """The NVIDIA GPUs models may be placed on (none when llama.cpp here cannot offload)."""
+        gpus = self.gpus.gpus()
+        return gpus if gpus and self.offload_supported() else []
+
+    def offload_supported(self) -> bool:
+        """Whether the engine can put layers on a GPU (asked once; llama.cpp's build decides)."""
+        if self._offload_ok is None:
+            try:
+                self._offload_ok = bool(self._gpu_offload())
+            except Exception as e:  # an engine that cannot even be imported offloads nothing
+                log.warning("cannot ask the engine about GPU offload: %s", e)
+                self._offload_ok = False
+            if not self._offload_ok and self.gpus.gpus():
+                log.warning(
+                    "llama.cpp here was built without GPU offload: models stay in RAM and the "
+                    "GPUs go unused (README: GPU builds)"
+                )
+        return self._offload_ok
+
+    def _vram_used(self, exclude: str = "") -> dict[str, int]:
+        """VRAM lmx's admitted or loaded models take by estimate, per GPU. Holds the lock."""
+        used: dict[str, int] = {}
+        for lm in self._loaded.values():
+            if lm.info.id == exclude or not (lm.admitted or lm.state != ModelState.LOADING):
+                continue
+            for d, b in lm.estimate.by_device().items():
+                if d != "ram":
+                    used[d] = used.get(d, 0) + b
+        return used
 
     def loaded(self) -> list[LoadedModel]:
         """Models that are loaded (ready or busy)."""
@@ -291,17 +340,55 @@ class Scheduler:
             cache_type_v=s.for_model("cache_type_v", info.id),
             batch_invariant=s.for_model("batch_invariant", info.id),
             prefix_store=self.prefix_store,
+            main_gpu=s.for_model("main_gpu", info.id),
         )
 
     def estimate_for(
         self, info: ModelInfo, ctx: int | None = None, parallel: int | None = None
     ) -> MemoryEstimate:
         """What `info` would take loaded with its settings (or this ctx / parallel)."""
+        return self.placed_for(info, ctx, parallel)[1]
+
+    def placed_for(
+        self, info: ModelInfo, ctx: int | None = None, parallel: int | None = None
+    ) -> tuple[EngineOptions, MemoryEstimate]:
+        """The engine options and estimate for `info` with its layers placed on the GPUs as
+        they are now (auto gpu_layers: as many as fit the VRAM other models leave free)."""
         _check_loadable(info)
         opts = self.options_for(info)
         if ctx or parallel:
             opts = replace(opts, n_ctx=ctx or opts.n_ctx, parallel=parallel or opts.parallel)
-        return self._estimator(info, opts)
+        return self._place(info, opts, self._estimator(info, opts))
+
+    def _place(
+        self, info: ModelInfo, opts: EngineOptions, est: MemoryEstimate, alone: bool = False
+    ) -> tuple[EngineOptions, MemoryEstimate]:
+        """`opts` and `est` with the layers placed; `alone`: as if no other model held VRAM."""
+        if not est.total or info.header is None:
+            return opts, est
+        gpus = self.gpus.gpus()
+        sizes = LayerSizes.from_header(info.header) if gpus else None
+        if sizes is None:  # no NVIDIA GPU: gpu_layers goes to llama.cpp as set
+            return opts, est
+        if not self.offload_supported():
+            names = ", ".join(f"GPU {g.index} ({g.name})" for g in gpus)
+            note = (
+                f"llama.cpp here was built without GPU offload: everything in RAM ({names} unused)"
+            )
+            p = on_host(est, sizes, note, auto=opts.gpu_layers < 0)
+        else:
+            budgets = self.budgets()
+            with self._cond:
+                others = self._vram_used(exclude=info.id)
+            # Auto takes the VRAM free now (fewer layers rather than evicting); an explicit
+            # gpu_layers may evict idle models for room, so it is measured against the budget.
+            now = opts.gpu_layers < 0 and not alone
+            rooms = []
+            for g in gpus:
+                taken = others.get(g.device, 0) if now else 0
+                rooms.append(GpuRoom(g.index, g.name, budgets[g.device] - taken))
+            p = place(est, sizes, rooms, gpu_layers=opts.gpu_layers, main_gpu=opts.main_gpu)
+        return replace(opts, offload=p.offload), placed(est, p)
 
     def keep_alive_for(self, model_id: str) -> float:
         """`[models."id"]`'s keep_alive, else its source's (an upstream's), else the global."""
@@ -311,6 +398,11 @@ class Scheduler:
             if info is not None and info.keep_alive is not None:
                 return info.keep_alive
         return float(self.settings.for_model("keep_alive", model_id))
+
+    def fits_alone(self, need: MemoryEstimate) -> bool:
+        """Whether `need` fits every device's budget with nothing else loaded."""
+        budgets = self.budgets()
+        return all(b <= budgets.get(d, 0) for d, b in need.by_device().items())
 
     def plan(self, need: MemoryEstimate, exclude: str = "") -> Plan:
         """Whether `need` fits now, and the idle models (LRU first) evicted to make room."""
@@ -398,9 +490,8 @@ class Scheduler:
                     self.clock.wait(self._cond, 1.0)
                     continue
                 else:
-                    placeholder = LoadedModel(
-                        info, self.options_for(info), self.estimate_for(info), clock=self.clock
-                    )
+                    opts, est = self.placed_for(info)
+                    placeholder = LoadedModel(info, opts, est, clock=self.clock)
                     self._loaded[info.id] = placeholder
             if lm is not None:  # dead engine or changed settings: unload, then load anew
                 self._unload(lm, "engine_failed" if lm.failure else "reconfigured")
@@ -446,12 +537,17 @@ class Scheduler:
         try:
             with self._admission:
                 self._make_room(lm)
+                if lm.estimate.placement is not None:
+                    log.info("%s: %s", info.id, lm.estimate.placement.note)
                 self.events.publish("loading", info.id, **lm.estimate.as_dict())
                 rss0 = self._baseline()
                 t0 = time.perf_counter()
                 engine = self.engine_factory(info, lm.options)
                 engine.on_failure = lambda reason, lm=lm: self._engine_failed(lm, reason)
-                engine.load()
+                try:
+                    engine.load()
+                finally:
+                    self.gpus.invalidate()  # free VRAM moved
                 lm.load_seconds = time.perf_counter() - t0
                 lm.measured = max(0, self._measure() - rss0)
         except BaseException as e:
@@ -479,21 +575,30 @@ class Scheduler:
         self.events.publish("loaded", info.id, seconds=round(lm.load_seconds, 3))
         self.start()
 
+    def _replace_layers(self, lm: LoadedModel, alone: bool = False) -> MemoryEstimate:
+        """Place `lm`'s layers on the GPUs as they are now (others may have loaded or gone
+        since its estimate was made). `alone`: only return the estimate with the GPUs empty."""
+        if lm.estimate.placement is None:
+            return lm.estimate
+        base = replace(lm.estimate, placement=None)
+        opts, est = self._place(lm.info, replace(lm.options, offload=None), base, alone)
+        if not alone:
+            lm.options, lm.estimate = opts, est
+        return est
+
     def _make_room(self, lm: LoadedModel) -> None:
-        info, est = lm.info, lm.estimate
+        info = lm.info
+        self._replace_layers(lm)
+        alone = self._replace_layers(lm, alone=True)
         budgets = self.budgets()
-        too_big = [d for d, b in est.by_device().items() if b > budgets.get(d, 0)]
+        too_big = [d for d, b in alone.by_device().items() if b > budgets.get(d, 0)]
         if too_big:
-            raise ModelTooLarge(
-                f"The model '{info.id}' needs about {est.total / 1e6:.0f} MB (weights "
-                f"{est.weights / 1e6:.0f} MB, KV cache {est.kv_cache / 1e6:.0f} MB, compute "
-                f"{est.compute / 1e6:.0f} MB) but the memory budget is "
-                f"{self.budget / 1e6:.0f} MB; lower ctx/parallel or raise --max-memory.",
-                param="model",
-            )
+            raise ModelTooLarge(self._too_large(info, alone, too_big[0], budgets), param="model")
         deadline = self.clock.now() + self.settings.load_timeout
         cancels = self._cancels
         while True:
+            self._replace_layers(lm)  # an eviction frees VRAM too: auto takes more layers
+            est = lm.estimate
             if self._cancels != cancels or self._closed:
                 # lmx is stopping: waiting out load_timeout would hold the shutdown up.
                 self.waiting.pop(info.id, None)
@@ -504,6 +609,11 @@ class Scheduler:
                     self._unload(r, "evicted")
                 continue
             plan = self.plan(est, exclude=info.id)
+            if not plan.fits and est.placement is not None and est.placement.auto:
+                # Fewer layers did not make it fit in RAM: evicting idle models also frees
+                # their VRAM for more layers (placed anew on the next pass).
+                wide = self.plan(self._replace_layers(lm, alone=True), exclude=info.id)
+                plan = wide if wide.fits and wide.victims else plan
             if plan.fits and not rivals:
                 for v in plan.victims:
                     victim = self._loaded.get(v)
@@ -536,6 +646,25 @@ class Scheduler:
                 # one announces (a dropped stream releases its lease before that): poll.
                 self.clock.wait(self._cond, min(left, 0.5))
 
+    def _too_large(
+        self, info: ModelInfo, est: MemoryEstimate, device: str, budgets: dict[str, int]
+    ) -> str:
+        if device == "ram":
+            return (
+                f"The model '{info.id}' needs about {est.total / 1e6:.0f} MB (weights "
+                f"{est.weights / 1e6:.0f} MB, KV cache {est.kv_cache / 1e6:.0f} MB, compute "
+                f"{est.compute / 1e6:.0f} MB) but the memory budget is "
+                f"{self.budget / 1e6:.0f} MB; lower ctx/parallel or raise --max-memory."
+            )
+        p = est.placement
+        layers = f" with {p.layers}/{p.units} layers offloaded" if p else ""
+        return (
+            f"The model '{info.id}' needs about {human_size(est.by_device()[device])} on GPU "
+            f"{device.removeprefix('gpu')}{layers} but lmx may use "
+            f"{human_size(budgets.get(device, 0))} of it; lower gpu_layers (or -1: as many "
+            f"as fit) or ctx/parallel."
+        )
+
     # ----- unloading -----------------------------------------------------------------------
 
     def unload(self, model_id: str, reason: str = "unloaded") -> bool:
@@ -564,6 +693,7 @@ class Scheduler:
             if lm.engine is not None:
                 lm.engine.close()  # its slots' prefixes go to the prompt cache
         finally:
+            self.gpus.invalidate()
             with self._cond:
                 if self._loaded.get(lm.info.id) is lm:
                     del self._loaded[lm.info.id]
@@ -704,7 +834,8 @@ class Scheduler:
         with self._cond:
             for lm in self._loaded.values():
                 if lm.state in (ModelState.READY, ModelState.BUSY):
-                    if self.options_for(lm.info) != lm.options:
+                    # Compared as configured: where the layers went is lmx's choice, not a setting.
+                    if self.options_for(lm.info) != replace(lm.options, offload=None):
                         lm.stale = True
                     if lm.leases == 0 and lm.expires_at is not None:
                         # keep_alive may have changed: restart the countdown from last use

@@ -271,10 +271,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "gpu_layers",
         "int",
-        "layers offloaded to the GPU (-1: all, the default)",
+        "layers offloaded to NVIDIA GPUs (-1: as many as fit the free VRAM, the default)",
         "--gpu-layers",
         "model",
         -1,
+        per_model=True,
+    ),
+    Setting(
+        "main_gpu",
+        "int",
+        "put models on this GPU alone (its CUDA index; default: the one with most free VRAM, "
+        "else spread over all)",
+        "--main-gpu",
+        "model",
+        0,
         per_model=True,
     ),
     Setting(
@@ -390,6 +400,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ctx: int | None = None
     parallel: int | None = None
     gpu_layers: int | None = None
+    main_gpu: int | None = None
     keep_alive: str | int | float | None = None
     cache_type_k: str | None = None
     cache_type_v: str | None = None
@@ -482,6 +493,7 @@ class Settings:
     parallel: int = 4
     threads: int = 0
     gpu_layers: int = -1
+    main_gpu: int | None = None  # None: lmx chooses
     max_queue: int = 64
     cache_type_k: str = "f16"  # KV cache types: f16, q8_0, q4_0
     cache_type_v: str = "f16"

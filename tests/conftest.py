@@ -84,6 +84,23 @@ def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def smollm2_mlx_dir(smollm2_path: Path) -> Path:
+    """The bundled SmolLM2 GGUF as an MLX model directory (tests/mlx_model.py), built once."""
+    import platform
+    import sys
+
+    from tests.mlx_model import mlx_dir_for
+
+    if not (
+        sys.platform == "linux" or (sys.platform == "darwin" and platform.machine() == "arm64")
+    ):
+        pytest.skip("MLX runs on Linux and Apple silicon only")
+
+    cache = Path(os.environ.get("LMX_TEST_CACHE", REAL_HOME / ".cache" / "lmx-tests"))
+    return mlx_dir_for(smollm2_path, cache)
+
+
 TEST_FLAGS: dict[str, object] = {
     "port": 0,
     "ctx": 2048,

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_server_never_imports_textual_in_a_fresh_interpreter() -> None:
     code = (
         "import sys, server.cli, server.runtime, server.pipeline, server.api.app, "
-        "server.runner, server.client, server.engines.llamacpp;"
+        "server.runner, server.client, server.engines.llamacpp, server.engines.mlx;"
         "bad = sorted(m for m in sys.modules if m == 'textual' or m.startswith('textual.') "
         "or m.startswith('lmx_tui'));"
         "print(bad); sys.exit(1 if bad else 0)"

@@ -13,7 +13,7 @@ PALETTE = ("dodger_blue1", "green3", "dark_orange", "medium_purple1", "gold1", "
 
 
 def device_label(device: str) -> str:
-    return "RAM" if device == "ram" else device.upper()
+    return "RAM" if device == "ram" else f"GPU {device.removeprefix('gpu')}"
 
 
 class BudgetBar(Widget):
@@ -60,8 +60,8 @@ class BudgetBar(Widget):
                 if cells:
                     # Measured below the estimate shows as the solid part of the segment.
                     solid = cells
-                    if m.measured and m.estimate:
-                        solid = max(1, min(cells, round(cells * m.measured / m.estimate)))
+                    if m.measured and share and device == "ram":  # measured: process RSS
+                        solid = max(1, min(cells, round(cells * m.measured / share)))
                     out.append("█" * solid, style=colour[m.model])
                     out.append("▓" * (cells - solid), style=colour[m.model])
                     filled += cells
@@ -75,8 +75,11 @@ class BudgetBar(Widget):
                     continue
                 legend.append("  ■ ", style=colour[m.model])
                 pin = " [pinned]" if m.pinned else ""
-                measured = f" / {human_size(m.measured)} measured" if m.measured else ""
-                legend.append(f"{m.model}{pin} {human_size(m.estimate)} est{measured}")
+                measured = ""
+                if m.measured and device == "ram":
+                    measured = f" / {human_size(m.measured)} measured"
+                share = dict(m.by_device)[device]
+                legend.append(f"{m.model}{pin} {human_size(share)} est{measured}")
             legend.truncate(width + 1, overflow="ellipsis")
             out.append_text(legend)
         return out

@@ -53,7 +53,7 @@ def describe_model(rt: Runtime, info: ModelInfo) -> dict[str, Any]:
         plan = sched.plan(est, exclude=info.id)
         out["memory_estimate"] = est.as_dict()
         out["fits"] = lm is not None or plan.fits
-        out["fits_alone"] = est.total <= sched.budget
+        out["fits_alone"] = sched.fits_alone(est)
         out["would_evict"] = plan.victims if lm is None else []
     if lm is not None and lm.engine is not None:
         st = lm.engine.stats()
@@ -74,6 +74,26 @@ def describe_model(rt: Runtime, info: ModelInfo) -> dict[str, Any]:
     return out
 
 
+def describe_gpus(rt: Runtime) -> dict[str, Any]:
+    """The NVIDIA GPUs NVML sees, whether llama.cpp here can use them, and why not."""
+    sched = rt.scheduler
+    gpus = sched.gpus.gpus()
+    offload = bool(gpus) and sched.offload_supported()
+    note = sched.gpus.note
+    if gpus and not offload:
+        note = "llama.cpp here was built without GPU offload: models stay in RAM"
+    return {"gpus": [g.as_dict() for g in gpus], "offload": offload, "note": note or None}
+
+
+def used_by_device(rt: Runtime) -> dict[str, int]:
+    """What the loaded models take of each device's budget, by estimate."""
+    used: dict[str, int] = {}
+    for lm in rt.scheduler.loaded():
+        for d, b in lm.estimate.by_device().items():
+            used[d] = used.get(d, 0) + b
+    return used
+
+
 class AdminController(Controller):
     """TabbyAPI-style management over the shared runtime."""
 
@@ -88,6 +108,9 @@ class AdminController(Controller):
         return {
             "budget_bytes": sched.budget,
             "used_bytes": sum(lm.estimate.total for lm in sched.loaded()),
+            "budgets": sched.budgets(),
+            "used": used_by_device(rt),
+            **describe_gpus(rt),
             "models": [describe_model(rt, m) for m in rt.catalog.models()],
         }
 
@@ -112,6 +135,8 @@ class AdminController(Controller):
         return {
             **preview.as_dict(),
             "budget_bytes": sched.budget,
+            "budgets": preview.budgets,
+            **describe_gpus(rt),
             "measured_bytes": lm.measured if lm else None,
         }
 

@@ -157,6 +157,15 @@ class Generation:
             self._sink(event)
 
 
+@dataclass(frozen=True)
+class Offload:
+    """Where llama.cpp puts a model's layers, as the scheduler chose (server/offload.py)."""
+
+    layers: int  # llama.cpp's n_gpu_layers: the last `layers` of block_count + 1 (output)
+    main_gpu: int | None = None  # all on this GPU alone (llama.cpp's split_mode none)
+    tensor_split: tuple[float, ...] = ()  # spread: each GPU's share (split_mode layer)
+
+
 @dataclass
 class EngineOptions:
     """How to load one model (any engine; each reads the fields that apply to it)."""
@@ -164,7 +173,7 @@ class EngineOptions:
     n_ctx: int = 4096  # per slot
     parallel: int = 4
     threads: int = 0  # 0: all physical cores
-    gpu_layers: int = -1
+    gpu_layers: int = -1  # the setting; -1: as many as fit (auto)
     max_queue: int = 64
     n_batch: int = 512
     chat_template: str | None = None
@@ -175,6 +184,10 @@ class EngineOptions:
     # Temperature-0 text identical alone and batched; False trades that for llama-server's
     # ubatch (faster long prefills, the last bits of a logit may depend on batch neighbours).
     batch_invariant: bool = True
+    main_gpu: int | None = None  # the setting; None: lmx chooses
+    # What the scheduler chose from gpu_layers / main_gpu and free VRAM; None: no NVIDIA GPU
+    # known, gpu_layers goes to the engine as set (Metal, Vulkan: llama.cpp decides).
+    offload: Offload | None = None
 
 
 class Engine(Protocol):

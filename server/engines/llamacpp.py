@@ -32,6 +32,7 @@ from server.engines.base import (
     Finished,
     Generation,
     GenerationRequest,
+    Offload,
     Sink,
     Timings,
     TokenText,
@@ -85,6 +86,32 @@ def _init_backend() -> None:
             # Silence llama.cpp's own logging: our logs say what matters, in one place.
             llama_cpp.llama_log_set(_quiet_logger, ctypes.c_void_p(0))
             _backend_ready = True
+
+
+def supports_gpu_offload() -> bool:
+    """Whether this llama.cpp build can put layers on a GPU (CUDA, Metal, Vulkan, ...)."""
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def _set_offload(mparams: Any, opts: EngineOptions) -> Any:
+    """Put the scheduler's choice (layers, one GPU or a split) into llama.cpp's model params.
+    Returns the tensor_split array, which must live as long as the load."""
+    off: Offload | None = opts.offload
+    if off is None:  # no NVIDIA GPU measured: llama.cpp decides (Metal, Vulkan)
+        mparams.n_gpu_layers = opts.gpu_layers
+        return None
+    mparams.n_gpu_layers = off.layers
+    if off.layers and off.tensor_split:
+        n = int(llama_cpp.llama_max_devices())
+        shares = (list(off.tensor_split) + [0.0] * n)[:n]
+        split = (ctypes.c_float * n)(*shares)
+        mparams.split_mode = llama_cpp.LLAMA_SPLIT_MODE_LAYER
+        mparams.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
+        return split
+    if off.layers and off.main_gpu is not None:
+        mparams.split_mode = llama_cpp.LLAMA_SPLIT_MODE_NONE
+        mparams.main_gpu = off.main_gpu
+    return None
 
 
 _GGML_LOG_ERROR = 4
@@ -187,7 +214,7 @@ class LlamaCppEngine:
         _init_backend()
         opts = self.options
         mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = opts.gpu_layers
+        self._tensor_split = _set_offload(mparams, opts)
         model = llama_cpp.llama_model_load_from_file(str(self.info.path).encode(), mparams)
         if not model:
             raise EngineFailure(f"llama.cpp could not load {self.info.path}")
