@@ -55,13 +55,17 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
             kw.update(action="append", metavar="ORIGIN")
         elif s.kind == "urls":
             kw.update(action="append", metavar="[NAME=]URL")
+        elif s.kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction  # --name / --no-name
+        elif s.choices:
+            kw["choices"] = s.choices
         else:
             kw["metavar"] = {
                 "int": "N",
                 "float": "N",
                 "duration": "DURATION",
                 "size": "SIZE",
-                "path": "FILE",
+                "path": "DIR" if s.name.endswith("_dir") else "FILE",
             }.get(s.kind, "VALUE")
         p.add_argument(s.flag, **kw)
 

@@ -18,11 +18,22 @@ if TYPE_CHECKING:
     from server.mlx_meta import MlxMeta
     from server.offload import Placement
 
-KV_BYTES_PER_VALUE = 2  # llama.cpp's default KV cache type is f16
+# Bytes per stored K or V value, by cache type: f16, and ggml's blocks of 32 values (an f16 scale
+# plus 32 bytes for q8_0, 16 for q4_0).
+KV_TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+KV_BYTES_PER_VALUE = KV_TYPE_BYTES["f16"]  # llama.cpp's default
+# The host-RAM prompt cache's default size: this share of the budget, at most PROMPT_CACHE_MAX.
+PROMPT_CACHE_SHARE = 0.25
+PROMPT_CACHE_MAX = 4 * 2**30
 UBATCH = 63  # the engine's ubatch (see server.engines.llamacpp.BATCH_INVARIANT_UBATCH)
-# llama.cpp's scratch for one ubatch (logits and activations), measured here on SmolLM2-135M
-# and Gemma-3-270M: about 4 bytes x ubatch x (vocabulary + 64 x embedding width).
-COMPUTE_EMBD_FACTOR = 64
+UBATCH_FAST = 512  # its ubatch with batch_invariant off (llama-server's)
+# llama.cpp's scratch for one ubatch, measured here on SmolLM2-135M and Gemma-3-270M: logits
+# for one row per slot (the engine caps outputs at that), plus activations of about
+# 4 bytes x ubatch x 12 x embedding width (14.5 MiB and 19.8 MiB at a 512-row ubatch).
+COMPUTE_EMBD_FACTOR = 12
+# llama.cpp's own tables for the vocabulary (token texts, scores, lookup maps): measured about
+# 200 bytes a token (SmolLM2's 49k tokens, Gemma-3's 262k), counted with the compute buffers.
+VOCAB_TABLE_BYTES = 200
 # mlx-lm grows each KV cache in steps of this many tokens.
 MLX_KV_STEP = 256
 # mlx-lm's prefill chunk (EngineOptions.n_batch): its activations are part of MLX's compute.
@@ -84,8 +95,15 @@ class MemoryEstimate:
         return out
 
 
-def estimate(header: GGUFHeader, ctx: int, parallel: int) -> MemoryEstimate:
-    """Weights (by tensor type, as stored), KV cache and compute buffers."""
+def estimate(
+    header: GGUFHeader,
+    ctx: int,
+    parallel: int,
+    cache_type_k: str = "f16",
+    cache_type_v: str = "f16",
+    batch_invariant: bool = True,
+) -> MemoryEstimate:
+    """Weights (by tensor type, as stored), KV cache (at its cache types) and compute buffers."""
     n_train = header.context_length or ctx
     ctx = max(64, min(ctx, n_train))
     layers = int(header.arch_value("block_count", 0) or 0)
@@ -97,11 +115,34 @@ def estimate(header: GGUFHeader, ctx: int, parallel: int) -> MemoryEstimate:
     head = n_embd // n_head if n_head else 0
     k_len = int(header.arch_value("attention.key_length", head) or head)
     v_len = int(header.arch_value("attention.value_length", head) or head)
-    kv = layers * ctx * parallel * int(n_head_kv) * (k_len + v_len) * KV_BYTES_PER_VALUE
+    per_cell = int(n_head_kv) * (
+        k_len * kv_type_bytes(cache_type_k) + v_len * kv_type_bytes(cache_type_v)
+    )
+    kv = int(layers * ctx * parallel * per_cell)
     vocab = header.vocab_size or int(header.arch_value("vocab_size", 0) or 0)
-    compute = 4 * UBATCH * (vocab + COMPUTE_EMBD_FACTOR * n_embd)
+    ubatch = UBATCH if batch_invariant else UBATCH_FAST
+    compute = 4 * (parallel * vocab + ubatch * COMPUTE_EMBD_FACTOR * n_embd)
+    compute += VOCAB_TABLE_BYTES * vocab
     weights = sum(t.n_bytes or 0 for t in header.tensors) or header.weights_bytes
     return MemoryEstimate(weights, kv, compute, ctx, parallel)
+
+
+def kv_type_bytes(cache_type: str) -> float:
+    """Bytes per K or V value at a cache type (f16, q8_0, q4_0); ValueError names the choices."""
+    try:
+        return KV_TYPE_BYTES[cache_type.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown KV cache type {cache_type!r} (choose from {', '.join(KV_TYPE_BYTES)})"
+        ) from None
+
+
+def prompt_cache_ram(budget: int, setting: int | None) -> int:
+    """The prompt cache's RAM limit: the setting, or by default a share of the budget. It only
+    ever uses what loaded models leave free (the scheduler lowers its cap as they load)."""
+    if setting is not None:
+        return max(0, min(setting, budget))
+    return int(min(budget * PROMPT_CACHE_SHARE, PROMPT_CACHE_MAX))
 
 
 def estimate_mlx(meta: MlxMeta, ctx: int, parallel: int) -> MemoryEstimate:
@@ -122,13 +163,21 @@ def estimate_mlx(meta: MlxMeta, ctx: int, parallel: int) -> MemoryEstimate:
     return MemoryEstimate(meta.weights_bytes, kv, compute, ctx, parallel)
 
 
-def estimate_by_format(info: ModelInfo, ctx: int, parallel: int) -> MemoryEstimate:
-    """The estimate for any usable model, by its format. Raises ValueError for one without the
-    metadata an estimate needs (an unusable entry)."""
+def estimate_by_format(
+    info: ModelInfo,
+    ctx: int,
+    parallel: int,
+    cache_type_k: str = "f16",
+    cache_type_v: str = "f16",
+    batch_invariant: bool = True,
+) -> MemoryEstimate:
+    """The estimate for any usable model, by its format (the KV cache types and the ubatch
+    apply to GGUF models). Raises ValueError for one without the metadata an estimate needs
+    (an unusable entry)."""
     if info.mlx is not None:
         return estimate_mlx(info.mlx, ctx, parallel)
     if info.header is not None:
-        return estimate(info.header, ctx, parallel)
+        return estimate(info.header, ctx, parallel, cache_type_k, cache_type_v, batch_invariant)
     raise ValueError(f"no metadata to estimate '{info.id}' from: {info.error}")
 
 

@@ -13,13 +13,22 @@ from pathlib import Path
 from server.catalog import Catalog
 from server.downloads import Download, DownloadQueue
 from server.engines import EngineFactory, create_engine
+from server.engines.prefix_store import PrefixStore
 from server.errors import InvalidRequest
 from server.events import EventBus
 from server.gpus import GpuInventory
 from server.keys import KeyStore
+from server.memory import default_budget, prompt_cache_ram
 from server.pipeline import GenerationService
 from server.scheduler import Clock, Scheduler
-from server.settings import ConfigError, ConfigStore, Settings, hf_cache_dir, state_dir
+from server.settings import (
+    ConfigError,
+    ConfigStore,
+    Settings,
+    hf_cache_dir,
+    prompt_cache_dir,
+    state_dir,
+)
 from server.telemetry import RequestLog
 from server.upstreams import Upstreams
 
@@ -46,12 +55,22 @@ class Runtime:
         self.upstreams = Upstreams(self.config, self.events)
         self.catalog = Catalog(self.config, sources=[self.upstreams.models])
         self.upstreams.watch(lambda: self.catalog.refresh(files=False))
+        # One prompt cache for the process, handed to every engine through its options: what
+        # a model's slots held outlives its unload (RAM within the budget, then disk). The
+        # scheduler sets its RAM cap to what loaded models leave of the budget.
+        s = self.settings
+        self.prefix_store = PrefixStore(
+            prompt_cache_ram(s.max_memory or default_budget(), s.prompt_cache_ram),
+            prompt_cache_dir(s),
+            s.prompt_cache_disk,
+        )
         self.scheduler = Scheduler(
             self.config,
             self.catalog,
             self.events,
             engine_factory=engine_factory,
             clock=clock,
+            prefix_store=self.prefix_store,
             gpus=gpus,
             gpu_offload=gpu_offload,
         )
@@ -186,5 +205,6 @@ class Runtime:
             downloads = self._downloads
         if downloads is not None:
             downloads.close()
-        self.scheduler.close()
+        self.scheduler.close()  # unloading puts the slots' prefixes in the prompt cache
+        self.prefix_store.close()  # what is only in RAM goes to disk, for a bounded time
         self.upstreams.close()

@@ -32,6 +32,7 @@ from server.catalog import Catalog
 from server.discovery import ModelInfo
 from server.engines import EngineFactory, create_engine, gpu_offload_supported
 from server.engines.base import Engine, EngineOptions
+from server.engines.prefix_store import PrefixStore
 from server.errors import EngineFailure, ModelsBusy, ModelTooLarge, ModelUnusable
 from server.events import EventBus
 from server.gpus import VRAM_RESERVE, Gpu, GpuInventory
@@ -41,6 +42,7 @@ from server.memory import (
     default_budget,
     estimate_by_format,
     process_rss,
+    prompt_cache_ram,
 )
 from server.offload import GpuRoom, LayerSizes, on_host, place, placed
 from server.settings import ConfigStore, Settings
@@ -57,7 +59,14 @@ def estimate_model(info: ModelInfo, options: EngineOptions) -> MemoryEstimate:
         return MemoryEstimate(0, 0, 0, options.n_ctx, options.parallel)
     if info.header is None and info.mlx is None:
         raise ModelUnusable(f"The model '{info.id}' has no readable header.", param="model")
-    return estimate_by_format(info, options.n_ctx, options.parallel)
+    return estimate_by_format(
+        info,
+        options.n_ctx,
+        options.parallel,
+        options.cache_type_k,
+        options.cache_type_v,
+        options.batch_invariant,
+    )
 
 
 def _check_loadable(info: ModelInfo) -> None:
@@ -200,6 +209,7 @@ class Scheduler:
         ram_default: int | None = None,
         background: bool = True,
         estimator: Callable[[ModelInfo, EngineOptions], MemoryEstimate] | None = None,
+        prefix_store: PrefixStore | None = None,
         gpus: GpuInventory | None = None,
         gpu_offload: Callable[[], bool] | None = None,
     ) -> None:
@@ -226,6 +236,10 @@ class Scheduler:
         self._gpu_offload = gpu_offload or gpu_offload_supported
         self._offload_ok: bool | None = None
         self.waiting: dict[str, list[str]] = {}  # loads waiting for room -> what blocks them
+        # Prompt prefixes beyond the slots and across unloads, shared by every model. It lives
+        # in the budget that loaded models leave: its cap follows every load and unload.
+        self.prefix_store = prefix_store
+        self._fit_prefix_store()
         self._unsubscribe = config.subscribe(self._on_config)
 
     # ----- reading ---------------------------------------------------------------------------
@@ -322,6 +336,10 @@ class Scheduler:
             gpu_layers=s.for_model("gpu_layers", info.id),
             max_queue=s.max_queue,
             chat_template=mc.chat_template if mc else None,
+            cache_type_k=s.for_model("cache_type_k", info.id),
+            cache_type_v=s.for_model("cache_type_v", info.id),
+            batch_invariant=s.for_model("batch_invariant", info.id),
+            prefix_store=self.prefix_store,
             main_gpu=s.for_model("main_gpu", info.id),
         )
 
@@ -538,6 +556,7 @@ class Scheduler:
                     del self._loaded[info.id]
                 self._transition(lm, ModelState.STOPPED)
                 self._cond.notify_all()
+            self._fit_prefix_store()
             if isinstance(e, EngineFailure):
                 self.events.publish("load_failed", info.id, error=str(e))
             raise
@@ -604,8 +623,10 @@ class Scheduler:
                     if self.plan(est, exclude=info.id).fits:  # nothing slipped in between
                         lm.admitted = True
                         self.waiting.pop(info.id, None)
-                        return
-                continue
+                    else:
+                        continue
+                self._fit_prefix_store()  # the prompt cache makes room for it too
+                return
             with self._cond:
                 left = deadline - self.clock.now()
                 blockers = plan.blocked_by or [r.info.id for r in rivals]
@@ -670,7 +691,7 @@ class Scheduler:
             self._transition(lm, ModelState.UNLOADING)
         try:
             if lm.engine is not None:
-                lm.engine.close()
+                lm.engine.close()  # its slots' prefixes go to the prompt cache
         finally:
             self.gpus.invalidate()
             with self._cond:
@@ -678,6 +699,7 @@ class Scheduler:
                     del self._loaded[lm.info.id]
                 self._transition(lm, ModelState.STOPPED)
                 self._cond.notify_all()
+            self._fit_prefix_store()
         log.info("%s %s", reason, lm.info.id)
         kind = "evicted" if reason == "evicted" else "unloaded"
         self.events.publish(kind, lm.info.id, reason=reason)
@@ -790,8 +812,25 @@ class Scheduler:
                 # Busy models become idle without a notify (their last token); poll gently.
                 self.clock.wait(self._cond, 1.0 if timeout is None else min(timeout, 1.0))
 
+    def _fit_prefix_store(self) -> None:
+        """The prompt cache may use what the models loaded or admitted leave of the budget
+        (and at most its own limit, which follows the budget by default)."""
+        store = self.prefix_store
+        if store is None:
+            return
+        with self._cond:
+            used = sum(
+                lm.estimate.by_device().get("ram", 0)
+                for lm in self._loaded.values()
+                if lm.admitted or lm.state != ModelState.LOADING
+            )
+            budget = self.budget
+            limit = prompt_cache_ram(budget, self.settings.prompt_cache_ram)
+        store.set_ram_cap(budget - used, limit=limit)
+
     def _on_config(self, old: Settings, new: Settings) -> None:
         """Settings changed: models whose engine options differ reload when next idle."""
+        self._fit_prefix_store()  # the budget or the cache's own limit may have changed
         with self._cond:
             for lm in self._loaded.values():
                 if lm.state in (ModelState.READY, ModelState.BUSY):

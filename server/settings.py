@@ -33,6 +33,7 @@ DEFAULT_CONFIG = Path("~/.config/lmx/config.toml")
 
 Kind = Literal["int", "float", "str", "bool", "duration", "size", "paths", "strs", "path", "urls"]
 Reload = Literal["live", "model", "restart"]
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")  # server.memory.KV_TYPE_BYTES has their sizes
 
 
 class ConfigError(ValueError):
@@ -171,6 +172,7 @@ class Setting:
     high: float | None = None
     per_model: bool = False  # may also be set in [models."<id>"]
     secret: bool = False  # never printed
+    choices: tuple[str, ...] = ()  # a "str" setting: the values allowed (any when empty)
 
     @property
     def env(self) -> str:
@@ -179,6 +181,10 @@ class Setting:
     def parse(self, value: Any) -> Any:
         """The checked value, or ValueError saying what is wrong."""
         v = _parse(self.kind, value)
+        if self.choices and isinstance(v, str):
+            v = v.strip().lower()
+            if v not in self.choices:
+                raise ValueError(f"{self.name} {value!r} is not one of {', '.join(self.choices)}")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if self.low is not None and v < self.low:
                 raise ValueError(f"{self.name} {v} is below the minimum {_num(self.low)}")
@@ -290,6 +296,56 @@ SETTINGS: tuple[Setting, ...] = (
         0,
     ),
     Setting(
+        "cache_type_k",
+        "str",
+        "KV cache type for keys: f16 (default), q8_0 (about half the KV memory), q4_0",
+        "--cache-type-k",
+        "model",
+        per_model=True,
+        choices=KV_CACHE_TYPES,
+    ),
+    Setting(
+        "cache_type_v",
+        "str",
+        "KV cache type for values: f16 (default), q8_0, q4_0",
+        "--cache-type-v",
+        "model",
+        per_model=True,
+        choices=KV_CACHE_TYPES,
+    ),
+    Setting(
+        "batch_invariant",
+        "bool",
+        "temperature-0 text identical alone and batched (default true); false: "
+        "llama-server's 512-row ubatch, faster long prefills",
+        "--batch-invariant",
+        "model",
+        per_model=True,
+    ),
+    Setting(
+        "prompt_cache_ram",
+        "size",
+        "RAM for prompt prefixes kept beyond the slots and across model swaps, inside the "
+        "memory budget (default: 25%% of it, at most 4G; 0: off)",
+        "--prompt-cache-ram",
+        low=0,
+    ),
+    Setting(
+        "prompt_cache_disk",
+        "size",
+        "disk for prompt prefixes spilled from RAM, kept across restarts (default 4G; 0: RAM only)",
+        "--prompt-cache-disk",
+        "restart",
+        low=0,
+    ),
+    Setting(
+        "prompt_cache_dir",
+        "path",
+        "where spilled prompt prefixes go (default: $XDG_CACHE_HOME/lmx/prompt-cache)",
+        "--prompt-cache-dir",
+        "restart",
+    ),
+    Setting(
         "max_memory",
         "size",
         "memory budget for loaded models, e.g. 8G (default: 80%% of free RAM)",
@@ -346,6 +402,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     gpu_layers: int | None = None
     main_gpu: int | None = None
     keep_alive: str | int | float | None = None
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
+    batch_invariant: bool | None = None
     chat_template: str | None = None
     reasoning: bool | None = None
     pin: bool = False
@@ -436,6 +495,12 @@ class Settings:
     gpu_layers: int = -1
     main_gpu: int | None = None  # None: lmx chooses
     max_queue: int = 64
+    cache_type_k: str = "f16"  # KV cache types: f16, q8_0, q4_0
+    cache_type_v: str = "f16"
+    batch_invariant: bool = True  # temperature-0 text independent of batch neighbours
+    prompt_cache_ram: int | None = None  # bytes; None: a share of the budget (memory.py)
+    prompt_cache_disk: int = 4 * 2**30  # bytes of spilled prompt prefixes; 0: RAM only
+    prompt_cache_dir: Path | None = None  # default: $XDG_CACHE_HOME/lmx/prompt-cache
     max_memory: int | None = None  # bytes; None: a safe share of the RAM available at start
     max_loaded_models: int = 0  # 0: no limit but memory
     keep_alive: float = 300.0  # seconds after the last request; negative: forever
@@ -467,7 +532,8 @@ class Settings:
         v = getattr(mc, name, None) if mc is not None else None
         if v is None:
             return getattr(self, name)
-        return parse_duration(v) if name == "keep_alive" else v
+        setting = SETTINGS_BY_NAME.get(name)
+        return setting.parse(v) if setting is not None else v  # "10m" -> 600.0, "Q8_0" -> q8_0
 
     def upstream_configs(self) -> dict[str, UpstreamConfig]:
         """Every upstream by name: the `[upstreams.NAME]` sections, then each `--upstream`
@@ -752,6 +818,14 @@ def state_dir() -> Path:
     """lmx's own state (the download queue): $XDG_STATE_HOME/lmx or ~/.local/state/lmx."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "lmx"
+
+
+def prompt_cache_dir(settings: Settings) -> Path:
+    """Where spilled prompt prefixes go: $XDG_CACHE_HOME/lmx/prompt-cache or ~/.cache/lmx/..."""
+    if settings.prompt_cache_dir is not None:
+        return settings.prompt_cache_dir
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lmx" / "prompt-cache"
 
 
 def default_config_path() -> Path | None:

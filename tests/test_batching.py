@@ -6,13 +6,15 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import jsonschema
 import pytest
 
-from server.engines.base import GenerationRequest, SamplingParams, collect
+from server.discovery import describe_file
+from server.engines.base import EngineOptions, GenerationRequest, SamplingParams, collect
 from server.engines.llamacpp import LlamaCppEngine
 from server.grammar import json_grammar
 from server.runner import ServerThread
@@ -289,3 +291,42 @@ def test_a_character_cut_by_the_limit_is_not_sent_as_garbage(engine: LlamaCppEng
         text, fin = collect(engine, GenerationRequest(prompt, n, SamplingParams(temperature=0)))
         assert "\ufffd" not in text, (n, text)
         assert fin.completion_tokens <= n
+
+
+def test_greedy_text_is_identical_alone_and_batched_beyond_256_tokens(
+    engine: LlamaCppEngine,
+) -> None:
+    # Past 256 cached tokens ggml splits a lone row's attention over the threads; the engine
+    # keeps such a row from sitting alone in its ubatch, so alone and batched still agree.
+    context = ("Notes from the field. " + "The river rose slowly over the stones. " * 45).strip()
+    topics = ["rivers", "owls", "bread", "trains"]
+    prompts = [chat(engine, ("system", context), ("user", f"Describe {t}.")) for t in topics]
+    assert all(len(p) > 300 for p in prompts)
+    alone = [
+        collect(engine, GenerationRequest(p, 40, SamplingParams(temperature=0)))[0] for p in prompts
+    ]
+    batched = run_together(
+        engine, [GenerationRequest(p, 40, SamplingParams(temperature=0)) for p in prompts]
+    )
+    assert [t for t, _ in batched] == alone
+
+
+def test_without_batch_invariance_long_prompts_prefill_in_big_ubatches(
+    smollm2_path: Path,
+) -> None:
+    # batch_invariant=False: llama-server's 512-row ubatch; everything else works the same.
+    info = describe_file(MODEL, smollm2_path, "test")
+    engine = LlamaCppEngine(info, EngineOptions(n_ctx=2048, parallel=2, threads=2))
+    engine.options.batch_invariant = False
+    engine.load()
+    try:
+        prompt = chat(engine, ("user", "Summarise: " + "the quick brown fox " * 200))
+        assert len(prompt) > 512
+        first = run_together(
+            engine, [GenerationRequest(prompt, 8, SamplingParams(temperature=0))] * 2
+        )
+        assert all(fin.completion_tokens == 8 for _, fin in first)
+        again, fin = collect(engine, GenerationRequest(prompt, 8, SamplingParams(temperature=0)))
+        assert fin.cached_tokens == len(prompt) - 1 and again
+    finally:
+        engine.close()

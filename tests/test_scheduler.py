@@ -12,6 +12,7 @@ import pytest
 from server.catalog import Catalog
 from server.discovery import ModelInfo
 from server.engines.base import EngineOptions
+from server.engines.prefix_store import PrefixStore
 from server.errors import EngineFailure, ModelsBusy, ModelTooLarge
 from server.events import EventBus, LmxEvent
 from server.memory import MemoryEstimate
@@ -84,7 +85,14 @@ class FakeEngine:
 class World:
     """A scheduler over fake models of given sizes (MB), on virtual time."""
 
-    def __init__(self, tmp_path: Path, sizes: dict[str, int], toml: str = "", **flags: Any):
+    def __init__(
+        self,
+        tmp_path: Path,
+        sizes: dict[str, int],
+        toml: str = "",
+        store: PrefixStore | None = None,
+        **flags: Any,
+    ):
         self.cfg = tmp_path / "lmx.toml"
         self.cfg.write_text(toml)
         self.config = ConfigStore(
@@ -126,6 +134,7 @@ class World:
             baseline=lambda: 0,
             background=False,
             estimator=estimator,
+            prefix_store=store,
         )
 
     def lease(self, name: str, keep_alive: float | None = None) -> Any:
@@ -345,3 +354,23 @@ def test_changed_settings_reload_the_model_when_it_is_idle(tmp_path: Path) -> No
     new = w.s.get("a")
     assert new is not None and new is not lm and new.options.n_ctx == 512
     assert w.kinds("reconfigured") == ["a"] and w.engines[0].closed
+
+
+def test_the_prompt_cache_gets_what_loaded_models_leave(tmp_path: Path) -> None:
+    store = PrefixStore(ram_limit=0)  # the scheduler sets its limit from the settings
+    w = World(
+        tmp_path, {"a": 300, "b": 500}, store=store, max_memory=806 * MB, prompt_cache_ram=50 * MB
+    )
+    assert (store.ram_limit, store.ram_cap) == (50 * MB, 50 * MB)
+    w.use("a")
+    assert w.engines[0].options.prefix_store is store  # every engine gets the one store
+    assert store.ram_cap == 50 * MB  # a leaves about 504 MB
+    assert store.put("a", [1, 2], bytearray(2 * MB)) and store.put("a", [3, 4], bytearray(2 * MB))
+    w.use("b")  # a and b leave about 2.7 MB: the older prefix goes (no disk here)
+    est = sum(lm.estimate.total for lm in w.s.loaded())
+    assert store.ram_cap == 806 * MB - est and store.ram_bytes == 2 * MB
+    assert store.lookup("a", [1, 2]) is None and store.lookup("a", [3, 4]) is not None
+    w.s.unload("b")
+    assert store.ram_cap == 50 * MB
+    w.config.update(prompt_cache_ram=MB)  # a smaller limit applies at once
+    assert store.ram_cap == MB and store.ram_bytes == 0

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from server.chat_template import ChatTemplate
     from server.discovery import ModelInfo
+    from server.engines.prefix_store import PrefixStore
     from server.errors import LmxError
 
 
@@ -176,6 +177,13 @@ class EngineOptions:
     max_queue: int = 64
     n_batch: int = 512
     chat_template: str | None = None
+    cache_type_k: str = "f16"  # KV cache types: f16, q8_0, q4_0
+    cache_type_v: str = "f16"
+    # Where slot prefixes go when a slot is reused or the model unloads, and come back from.
+    prefix_store: PrefixStore | None = field(default=None, compare=False, repr=False)
+    # Temperature-0 text identical alone and batched; False trades that for llama-server's
+    # ubatch (faster long prefills, the last bits of a logit may depend on batch neighbours).
+    batch_invariant: bool = True
     main_gpu: int | None = None  # the setting; None: lmx chooses
     # What the scheduler chose from gpu_layers / main_gpu and free VRAM; None: no NVIDIA GPU
     # known, gpu_layers goes to the engine as set (Metal, Vulkan: llama.cpp decides).

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import hashlib
+import json
 import logging
 import os
 import random
@@ -35,6 +37,7 @@ from server.engines.base import (
     Timings,
     TokenText,
 )
+from server.engines.prefix_store import PrefixMatch
 from server.errors import EngineFailure, InvalidRequest, QueueFull
 
 log = logging.getLogger(__name__)
@@ -50,14 +53,26 @@ BUILTIN_TEMPLATES = {
     "qwen3": "chatml",
 }
 PENALTY_LAST_N = 64
-# ggml's CPU flash attention switches to a tiled kernel for ubatches of 64 or more query rows;
-# it rounds by 64-cell KV blocks, so a sequence's logits would depend on what else shared its
-# batch and where its cells sit. Below that, every row is computed the same way whatever the
-# batch, which makes a temperature-0 answer identical alone and batched (~15% slower cold
-# prefill, decode unchanged).
+# ggml's CPU flash attention has three kernels: per row, a tiled one for 64 or more rows of a
+# sequence in a ubatch, and one that splits a lone row's cells over the threads (one row of one
+# sequence, 512 cells or more). They round differently, so which one computes a row must not
+# depend on what else is in the batch: under 64 rows per sequence per ubatch and never a lone
+# row, every row takes the per-row kernel, and a temperature-0 answer is identical alone,
+# batched, and from a cached prefix. The price is prefill speed on long prompts: the tiled
+# kernel prefills 2000 tokens ~1.4x faster (batch_invariant=False: llama-server's ubatch).
 BATCH_INVARIANT_UBATCH = 63
 # A prompt waits for another slot's prefill only when that saves at least this many tokens.
 MIN_SHARED_WAIT = 32
+# The prefix store: a slot's tokens are saved when at least this many would be lost, and a
+# stored prefix is restored when it beats what the slots hold by this many tokens (restoring
+# copies bytes; prefilling 32 tokens costs a pass over the weights).
+MIN_SAVE_TOKENS = 64
+MIN_STORE_GAIN = 32
+KV_TYPES = {
+    "f16": llama_cpp.GGML_TYPE_F16,
+    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+}
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -134,6 +149,10 @@ class _Slot:
     tokens: list[int] = field(default_factory=list)  # what this sequence holds in the KV cache
     job: _Job | None = None
     last_used: float = 0.0
+    # The shortest length these cells may be cut to. A state restored into a sliding-window
+    # cache holds only the window before its end, so it can be extended but not cut shorter.
+    floor: int = 0
+    prompt_len: int = 0  # the last request's prompt, the first part of `tokens`
 
 
 def _slot_state(slot: _Slot) -> str:
@@ -151,6 +170,16 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+def _seq(slot: _Slot) -> int:
+    return slot.seq
+
+
+def _usable(slot: _Slot, prompt: list[int]) -> int:
+    """How many of `prompt`'s tokens the slot's cells can serve."""
+    n = _common_prefix(slot.tokens, prompt)
+    return n if n >= slot.floor else 0
+
+
 class LlamaCppEngine:
     """A loaded GGUF model serving many requests at once through llama.cpp."""
 
@@ -159,6 +188,8 @@ class LlamaCppEngine:
     def __init__(self, info: ModelInfo, options: EngineOptions | None = None) -> None:
         self.info = info
         self.options = options or EngineOptions()
+        self._store = self.options.prefix_store
+        self._store_key: str | None = None
         self._model: Any = None
         self._ctx: Any = None
         self._embed_ctx: Any = None
@@ -198,7 +229,13 @@ class LlamaCppEngine:
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self.n_ctx_slot * opts.parallel
         cparams.n_batch = opts.n_batch
-        cparams.n_ubatch = min(opts.n_batch, BATCH_INVARIANT_UBATCH)
+        cparams.n_ubatch = (
+            min(opts.n_batch, BATCH_INVARIANT_UBATCH) if opts.batch_invariant else opts.n_batch
+        )
+        # Logits are read for at most one row per slot: llama.cpp then reserves its output
+        # buffer for those rows, not for every row of a ubatch (Gemma-3's 262k vocabulary
+        # would take 537 MB at a 512-row ubatch).
+        cparams.n_outputs_max = opts.parallel
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         cparams.n_seq_max = opts.parallel
         cparams.n_threads = self._threads
@@ -210,6 +247,14 @@ class LlamaCppEngine:
         # would then be incomplete, so keep the full cache for such models.
         cparams.swa_full = True
         cparams.no_perf = True
+        for name, kind in (("type_k", opts.cache_type_k), ("type_v", opts.cache_type_v)):
+            if kind.lower() not in KV_TYPES:
+                llama_cpp.llama_model_free(model)
+                self._model = None
+                raise EngineFailure(
+                    f"unknown KV cache type {kind!r} (choose from {', '.join(KV_TYPES)})"
+                )
+            setattr(cparams, name, KV_TYPES[kind.lower()])
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             llama_cpp.llama_model_free(model)
@@ -219,6 +264,8 @@ class LlamaCppEngine:
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._batch = llama_cpp.llama_batch_init(opts.n_batch, 0, 1)
         self._slots = [_Slot(seq=i) for i in range(opts.parallel)]
+        self._swa = int(llama_cpp.llama_model_n_swa(model)) > 0
+        self._store_key = self._make_store_key()
         self._piece_buf = ctypes.create_string_buffer(256)
         template = opts.chat_template or self.info.chat_template
         self.chat_template = self._make_template(template) if template else None
@@ -424,6 +471,12 @@ class LlamaCppEngine:
                 log.error("decode thread of %s did not stop; its memory is not freed", self.info.id)
                 return
             self._thread = None
+        if self.failure is None and self._ctx:
+            for slot in self._slots:  # the next load of this model starts from these
+                try:
+                    self._save_slot(slot, slot.prompt_len)
+                except Exception:  # a full disk must not keep the model's memory held
+                    log.exception("could not keep the prompt cache of %s", self.info.id)
         with self._embed_lock:
             if self._embed_ctx:
                 llama_cpp.llama_free(self._embed_ctx)
@@ -485,7 +538,7 @@ class LlamaCppEngine:
                 return
             self._pending.popleft()
             prompt = job.gen.request.prompt_tokens
-            slot = max(free, key=lambda s: (_common_prefix(s.tokens, prompt), -s.last_used))
+            slot = max(free, key=lambda s: (_usable(s, prompt), -s.last_used))
             self._attach(slot, job, prompt)
 
     def _attach(self, slot: _Slot, job: _Job, prompt: list[int]) -> None:
@@ -494,49 +547,185 @@ class LlamaCppEngine:
         if not job.started_at:
             job.started_at = time.perf_counter()
             job.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        if self._wait_for_shared_prefill(slot, job, prompt):
+        slot_prompt_len = slot.prompt_len
+        slot.prompt_len = len(prompt)
+        stored = self._store_match(prompt)
+        if self._wait_for_shared_prefill(slot, job, prompt, stored.usable if stored else 0):
             return
-        own = _common_prefix(slot.tokens, prompt)
+        own = _usable(slot, prompt)
         src, best = slot, own
         if not self._recurrent:
             for other in self._slots:
                 if other is not slot:
-                    n = _common_prefix(other.tokens, prompt)
+                    n = _usable(other, prompt)
                     if n > best:
                         src, best = other, n
         else:
             best = 0
         # At least one prompt token must be decoded to get logits to sample from.
-        best = min(best, len(prompt) - 1)
+        limit = len(prompt) - 1
+        if self._store_key is not None and limit - best >= MIN_STORE_GAIN:
+            n = min(stored.usable, limit) if stored is not None else 0
+            if stored is not None and n >= best + MIN_STORE_GAIN and n >= stored.min_keep:
+                self._save_slot(slot, slot_prompt_len)
+                if self._restore(slot, stored, n):
+                    job.cached = n
+                    job.pending = prompt[n:]
+                    job.gen.progress.cached = job.gen.progress.prompt_done = n
+                    return
+                if src is slot:
+                    best = _usable(slot, prompt)
+            else:
+                self._store.record(hit=False)  # type: ignore[union-attr]
+        best = min(best, limit)
+        if best < src.floor:
+            best = 0
         mem = self._mem
         if src is not slot and best > 0:
+            self._save_slot(slot, slot_prompt_len)
             # Streams copy whole: take the other slot's cache, then cut it to the shared prefix.
             llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
             llama_cpp.llama_memory_seq_cp(mem, src.seq, slot.seq, -1, -1)
             llama_cpp.llama_memory_seq_rm(mem, slot.seq, best, -1)
             slot.tokens = src.tokens[:best]
-        elif best > 0 and llama_cpp.llama_memory_seq_rm(mem, slot.seq, best, -1):
+            slot.floor = src.floor
+        elif best > 0:
+            if len(slot.tokens) - best >= MIN_STORE_GAIN:
+                self._save_slot(slot, slot_prompt_len if slot_prompt_len >= best else 0)
+            llama_cpp.llama_memory_seq_rm(mem, slot.seq, best, -1)
             slot.tokens = slot.tokens[:best]
         else:
+            self._save_slot(slot, slot_prompt_len)
             llama_cpp.llama_memory_seq_rm(mem, slot.seq, -1, -1)
             slot.tokens = []
+            slot.floor = 0
             best = 0
         job.cached = best
         job.pending = prompt[best:]
         job.gen.progress.cached = job.gen.progress.prompt_done = best
 
-    def _wait_for_shared_prefill(self, slot: _Slot, job: _Job, prompt: list[int]) -> bool:
+    # ----- the prefix store ----------------------------------------------------------------
+
+    def _make_store_key(self) -> str | None:
+        """Entries restore only into a context whose KV bytes mean the same: the same model file
+        (path, size, mtime), KV cache types, stream count and llama.cpp build."""
+        store = self._store
+        if store is None or not store.enabled or self._recurrent:
+            return None
+        try:
+            st = self.info.path.resolve().stat()
+        except OSError:
+            return None
+        o = self.options
+        ident = [
+            str(self.info.path.resolve()),
+            st.st_size,
+            st.st_mtime_ns,
+            o.cache_type_k.lower(),
+            o.cache_type_v.lower(),
+            o.parallel,  # llama.cpp writes the stream count into a sequence's state
+            llama_cpp.__version__,
+            "fa",
+            "swa_full",
+        ]
+        return hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:16]
+
+    def _store_match(self, prompt: list[int]) -> PrefixMatch | None:
+        if self._store is None or self._store_key is None or len(prompt) <= MIN_STORE_GAIN:
+            return None
+        return self._store.lookup(self._store_key, prompt)
+
+    def _save_slot(self, slot: _Slot, prompt_len: int = 0) -> None:
+        """Copy a slot's KV state into the store before its cells are overwritten.
+
+        A sliding-window state restores only whole, so the last request's prompt alone is
+        saved too (`prompt_len`, when the caller no longer needs the cells after it): the same
+        prompt asked again after a swap then finds it.
+        """
+        self._save_state(slot)
+        if (
+            self._swa
+            and MIN_SAVE_TOKENS <= prompt_len < len(slot.tokens)
+            and prompt_len >= slot.floor
+            and self._store_key is not None
+        ):
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq, prompt_len, -1)
+            slot.tokens = slot.tokens[:prompt_len]
+            self._save_state(slot)
+
+    def _save_state(self, slot: _Slot) -> None:
+        store, key = self._store, self._store_key
+        toks = slot.tokens
+        if store is None or key is None or len(toks) < MIN_SAVE_TOKENS:
+            return
+        if store.covers(key, toks):
+            return
+        for other in self._slots:  # another slot holds it all: that one is saved when reused
+            if (
+                other is not slot
+                and len(other.tokens) >= len(toks)
+                and other.floor <= len(toks)
+                and (not self._swa or len(other.tokens) == len(toks))
+                and _common_prefix(other.tokens, toks) == len(toks)
+            ):
+                return
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq)
+        if size <= 0:
+            return
+        buf = bytearray(size)
+        view = (ctypes.c_uint8 * size).from_buffer(buf)
+        got = llama_cpp.llama_state_seq_get_data(self._ctx, view, size, slot.seq)
+        del view
+        if got <= 0:
+            log.warning("%s: llama.cpp could not save sequence %d", self.info.id, slot.seq)
+            return
+        if got < size:
+            del buf[got:]
+        # A sliding-window cache saves only the window before the end: restorable whole only.
+        min_keep = len(toks) - 1 if self._swa else 0
+        store.put(key, list(toks), buf, min_keep=min_keep)
+
+    def _restore(self, slot: _Slot, match: PrefixMatch, n: int) -> bool:
+        """Load a stored prefix into `slot` and cut it to `n` tokens. False: nothing restored
+        (the slot is then empty)."""
+        assert self._store is not None
+        state = self._store.load(match)
+        if state is None:
+            self._store.record(hit=False)
+            return False
+        view = (ctypes.c_uint8 * len(state)).from_buffer(state)
+        got = llama_cpp.llama_state_seq_set_data(self._ctx, view, len(state), slot.seq)
+        del view
+        if got == 0:
+            log.warning("%s: a stored prompt prefix did not restore; dropped", self.info.id)
+            self._store.discard(match)
+            self._store.record(hit=False)
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq, -1, -1)
+            slot.tokens = []
+            slot.floor = 0
+            return False
+        slot.tokens = list(match.tokens)
+        slot.floor = match.min_keep
+        if n < len(slot.tokens):
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq, n, -1)
+            slot.tokens = slot.tokens[:n]
+        self._store.record(hit=True, tokens=n)
+        return True
+
+    def _wait_for_shared_prefill(
+        self, slot: _Slot, job: _Job, prompt: list[int], stored: int = 0
+    ) -> bool:
         """Requests that arrive together with one long system prompt: the first computes it,
         the others wait for those cells and copy them instead of computing it again."""
         if self._recurrent:
             return False
-        have = max(_common_prefix(s.tokens, prompt) for s in self._slots)
+        have = max([stored] + [_usable(s, prompt) for s in self._slots])
         for other in self._slots:
             oj = other.job
             if other is slot or oj is None or not oj.pending or oj.waiting_on is not None:
                 continue
             n = min(_common_prefix(other.tokens + oj.pending, prompt), len(prompt) - 1)
-            if n - have >= MIN_SHARED_WAIT and n > len(other.tokens):
+            if n - have >= MIN_SHARED_WAIT and n > len(other.tokens) and n >= other.floor:
                 job.waiting_on, job.wait_until = other, n
                 job.pending = []
                 return True
@@ -552,21 +741,30 @@ class LlamaCppEngine:
                 job.waiting_on = None
                 self._attach(slot, job, job.gen.request.prompt_tokens)
 
-    def _step(self) -> None:
+    def _put(self, tok: int, pos: int, seq: int, logits: bool) -> int:
         batch = self._batch
-        batch.n_tokens = 0
-        samples: list[tuple[_Slot, int]] = []
+        i = int(batch.n_tokens)
+        batch.token[i] = tok
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = logits
+        batch.n_tokens = i + 1
+        return i
 
-        def put(tok: int, pos: int, seq: int, logits: bool) -> int:
-            i = int(batch.n_tokens)
-            batch.token[i] = tok
-            batch.pos[i] = pos
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq
-            batch.logits[i] = logits
-            batch.n_tokens = i + 1
-            return i
+    def _decode(self, samples: list[tuple[_Slot, int]]) -> None:
+        """Run the batch built with `_put`, then sample the rows in `samples` from it."""
+        if self._batch.n_tokens == 0:
+            return
+        rc = llama_cpp.llama_decode(self._ctx, self._batch)
+        self._batch.n_tokens = 0
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        now = time.perf_counter()
+        for slot, i in samples:
+            self._sample(slot, i, now)
 
+    def _step(self) -> None:
         self._resume_waiters()
         active: list[_Slot] = []
         for slot in self._slots:
@@ -577,13 +775,24 @@ class LlamaCppEngine:
                 self._finish(slot, "cancelled")
                 continue
             active.append(slot)
+        if not active:
+            return
+        self.steps += 1
+        if self.options.batch_invariant:
+            self._step_invariant(active)
+        else:
+            self._step_merged(active)
+
+    def _step_merged(self, active: list[_Slot]) -> None:
+        """One llama_decode for everything; llama.cpp splits it into ubatches as it likes."""
+        samples: list[tuple[_Slot, int]] = []
         budget = self.options.n_batch
         # Decoding slots first: one token each keeps every running stream moving.
         for slot in active:
             job = slot.job
             assert job is not None
             if job.next_token is not None:
-                i = put(job.next_token, len(slot.tokens), slot.seq, True)
+                i = self._put(job.next_token, len(slot.tokens), slot.seq, True)
                 slot.tokens.append(job.next_token)
                 job.next_token = None
                 samples.append((slot, i))
@@ -598,39 +807,95 @@ class LlamaCppEngine:
             job.gen.progress.prompt_done += len(chunk)
             last = not job.pending
             for k, tok in enumerate(chunk):
-                i = put(tok, len(slot.tokens), slot.seq, last and k == len(chunk) - 1)
+                i = self._put(tok, len(slot.tokens), slot.seq, last and k == len(chunk) - 1)
                 slot.tokens.append(tok)
             if last:
                 samples.append((slot, i))
             budget -= len(chunk)
-        if batch.n_tokens == 0:
-            return
-        rc = llama_cpp.llama_decode(self._ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
-        self.steps += 1
-        now = time.perf_counter()
-        for slot, i in samples:
+        self._decode(samples)
+
+    def _step_invariant(self, active: list[_Slot]) -> None:
+        """Decode so that every row is computed by the same kernel whatever shares its batch.
+
+        Rows stay under BATCH_INVARIANT_UBATCH per sequence in every ubatch (llama.cpp gives
+        each sequence the same number of rows in a ubatch), and no ubatch holds a single row of
+        a single sequence once it sees 256 cells or more: ggml then splits that row's attention
+        over the threads and sums the parts in another order. So the generating rows go in one
+        llama_decode, with a throwaway second row for a sequence that would sit alone in its
+        ubatch, and each prompt chunk in its own, cut so that no ubatch gets just one row.
+        """
+        samples: list[tuple[_Slot, int]] = []
+        dummies: list[tuple[_Slot, int]] = []
+        gen = sorted((s for s in active if s.job and s.job.next_token is not None), key=_seq)
+        for k, slot in enumerate(gen):
             job = slot.job
-            assert job is not None
-            tok = llama_cpp.llama_sampler_sample(job.sampler, self._ctx, i)
-            if not job.first_token_at:
-                job.first_token_at = job.gen.progress.first_token_at = now
-            if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
-                self._finish(slot, "stop")
+            assert job is not None and job.next_token is not None
+            pos = len(slot.tokens)
+            i = self._put(job.next_token, pos, slot.seq, True)
+            samples.append((slot, i))
+            # llama.cpp puts sequences with consecutive ids in one ubatch; a sequence without
+            # a neighbour on either side is alone in its own.
+            alone = (k == 0 or _seq(gen[k - 1]) != slot.seq - 1) and (
+                k == len(gen) - 1 or _seq(gen[k + 1]) != slot.seq + 1
+            )
+            if alone and self._needs_second_row(pos):
+                self._put(job.next_token, pos + 1, slot.seq, False)
+                dummies.append((slot, pos + 1))
+            slot.tokens.append(job.next_token)
+            job.next_token = None
+        self._decode(samples)
+        for slot, pos in dummies:
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.seq, pos, -1)
+        # Then prompt chunks, oldest request first, each in its own llama_decode.
+        budget = self.options.n_batch
+        for slot in sorted(active, key=lambda s: s.job.queued_at if s.job else 0.0):
+            job = slot.job
+            if job is None or not job.pending or budget <= 0:
                 continue
-            job.n_gen += 1
-            job.gen.progress.generated = job.n_gen
-            self.tokens_generated += 1
-            special = tok in job.gen.request.preserved_tokens
-            if self._emit_text(job, self._piece(tok, special)):
-                self._finish(slot, "stop")
-            elif job.n_gen >= job.gen.request.max_tokens or (
-                len(slot.tokens) + 1 >= self.n_ctx_slot
-            ):
-                self._finish(slot, "length")
-            else:
-                job.next_token = tok
+            n = min(len(job.pending), budget)
+            last = n == len(job.pending)
+            ub = BATCH_INVARIANT_UBATCH
+            if n % ub == 1 and not last and n > 1:
+                n -= 1  # the next chunk starts with this row instead of it sitting alone
+            chunk = job.pending[:n]
+            job.pending = job.pending[n:]
+            job.gen.progress.prompt_done += n
+            pos = len(slot.tokens)
+            for k, tok in enumerate(chunk):
+                i = self._put(tok, pos + k, slot.seq, last and k == n - 1)
+            slot.tokens.extend(chunk)
+            second = n % ub == 1 and self._needs_second_row(pos + n - 1)
+            if second:
+                self._put(chunk[-1], pos + n, slot.seq, False)
+            self._decode([(slot, i)] if last else [])
+            if second:
+                llama_cpp.llama_memory_seq_rm(self._mem, slot.seq, pos + n, -1)
+            budget -= n
+
+    def _needs_second_row(self, pos: int) -> bool:
+        # ggml splits a lone row's attention only over 512 cells or more (llama.cpp pads the
+        # cells it shows to 256), and a second row needs a free cell.
+        return pos + 2 > 256 and pos + 2 <= self.n_ctx_slot
+
+    def _sample(self, slot: _Slot, i: int, now: float) -> None:
+        job = slot.job
+        assert job is not None
+        tok = llama_cpp.llama_sampler_sample(job.sampler, self._ctx, i)
+        if not job.first_token_at:
+            job.first_token_at = job.gen.progress.first_token_at = now
+        if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+            self._finish(slot, "stop")
+            return
+        job.n_gen += 1
+        job.gen.progress.generated = job.n_gen
+        self.tokens_generated += 1
+        special = tok in job.gen.request.preserved_tokens
+        if self._emit_text(job, self._piece(tok, special)):
+            self._finish(slot, "stop")
+        elif job.n_gen >= job.gen.request.max_tokens or (len(slot.tokens) + 1 >= self.n_ctx_slot):
+            self._finish(slot, "length")
+        else:
+            job.next_token = tok
 
     def _emit_text(self, job: _Job, piece: bytes) -> bool:
         """Send text, holding back what could be the start of a stop string. True: stopped."""
