@@ -348,9 +348,13 @@ def test_openai_client_chats_with_an_mlx_model(mlx_server: tuple[ServerThread, R
     assert r.usage.prompt_tokens == len(lm.engine.format_chat(messages))
     assert r.usage.completion_tokens == len(lm.engine.tokenize(text, add_special=False))
     assert [e.kind for e in events if e.model == MLX_ID][:2] == ["loading", "loaded"]
-    # What is resident after the load lies between the weights and the full estimate (the KV
-    # cache grows as the context fills).
-    assert lm.estimate.weights < lm.measured < lm.estimate.total, (lm.estimate, lm.measured)
+    # What is resident after the load is near the weights and within the full estimate (the KV
+    # cache grows as the context fills). Resident memory is sampled from the process, and pages
+    # of the mapped safetensors may not all be in yet: "near" is 85% of the weights.
+    assert 0.85 * lm.estimate.weights < lm.measured < lm.estimate.total, (
+        lm.estimate,
+        lm.measured,
+    )
 
     chunks = list(
         client.chat.completions.create(
