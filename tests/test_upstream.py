@@ -473,6 +473,10 @@ def llama_cpp_server(smollm2_path: Path) -> Iterator[str]:
             "2",
             "--chat_format",
             "chatml",
+            # Its default cuts a stream short (a bare [DONE]) whenever another request waits,
+            # such as lmx's reachability probe of /v1/models; lmx rightly calls that an error.
+            "--interrupt_requests",
+            "False",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
