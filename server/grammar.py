@@ -17,6 +17,11 @@ from server.errors import InvalidRequest
 if TYPE_CHECKING:
     from server.toolcalls import ToolChoice, ToolSpec
 
+# Calls one reply may hold when parallel calls are allowed. A small model forced to call
+# (`required`) tends to repeat the same call, and without a bound it does so until max_tokens
+# or the end of the context; capable models rarely make more than a handful at once.
+MAX_PARALLEL_CALLS = 8
+
 
 def json_grammar(schema: dict[str, Any] | None, *, param: str = "response_format") -> str:
     """GBNF for any JSON object (`schema` None), or for JSON matching `schema`."""
@@ -34,7 +39,8 @@ def tool_call_grammar(tools: Sequence[ToolSpec], choice: ToolChoice, parallel: b
     """GBNF for a reply in the generic tool-call shape, arguments constrained by each schema.
 
     `required`: `{"tool_calls": [call, ...]}` with any of `tools`; a named choice: only that
-    one; `auto`: that, or `{"response": "<text>"}`. Without `parallel`, exactly one call.
+    one; `auto`: that, or `{"response": "<text>"}`. Without `parallel`, exactly one call;
+    with it, up to MAX_PARALLEL_CALLS.
     The keys come in a fixed order (name, then arguments) so that a parser can stream the
     arguments as they are generated.
     """
@@ -64,7 +70,7 @@ def tool_call_grammar(tools: Sequence[ToolSpec], choice: ToolChoice, parallel: b
             )
         )
     call = conv._add_rule("tool-call", " | ".join(calls))
-    more = f' ( "," space {call} )*' if parallel else ""
+    more = f' ( "," space {call} ){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
     calls_object = (
         f'"{{" space {lit(json.dumps("tool_calls"))} space ":" space '
         f'"[" space {call}{more} "]" space "}}" space'
