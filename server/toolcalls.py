@@ -228,11 +228,20 @@ def _needs_tools(choice: ToolChoice, tools: Sequence[ToolSpec], param: str) -> T
     return choice
 
 
+CHAT_NAMED_CHOICE = '{"type": "function", "function": {"name": ...}}'
+RESPONSES_NAMED_CHOICE = '{"type": "function", "name": ...}'
+
+
 def parse_tool_choice(
-    raw: Any, tools: Sequence[ToolSpec], *, param: str = "tool_choice"
+    raw: Any,
+    tools: Sequence[ToolSpec],
+    *,
+    param: str = "tool_choice",
+    named: str = CHAT_NAMED_CHOICE,
 ) -> ToolChoice:
     """OpenAI chat and Responses tool_choice: a mode string, `{"type": "function",
-    "function": {"name"}}` (chat) or `{"type": "function", "name"}` (Responses)."""
+    "function": {"name"}}` (chat) or `{"type": "function", "name"}` (Responses); `named` is
+    the caller's dialect's shape, shown when `raw` is neither."""
     if raw is None:
         return AUTO if tools else NONE
     if isinstance(raw, str):
@@ -249,8 +258,7 @@ def parse_tool_choice(
         name = fn.get("name") if isinstance(fn, dict) else raw.get("name")
         return _needs_tools(_named(name, tools, param), tools, param)
     raise InvalidRequest(
-        f"Invalid value for '{param}': expected 'none', 'auto', 'required' or "
-        '{"type": "function", "function": {"name": ...}}.',
+        f"Invalid value for '{param}': expected 'none', 'auto', 'required' or {named}.",
         param=param,
     )
 

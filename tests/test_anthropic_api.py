@@ -240,3 +240,89 @@ def _events(r: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
         elif line.startswith("data: "):
             out.append((kind, json.loads(line[6:])))
     return out
+
+
+# Claude Code's tools describe "any value" parameters by a description alone.
+WORKFLOW = {
+    "name": "Workflow",
+    "description": "Run a named workflow script",
+    "input_schema": {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "args": {"description": "Input passed to the script verbatim, any JSON value"},
+        },
+        "required": ["name", "args"],
+        "additionalProperties": False,
+    },
+}
+
+
+def test_a_claude_code_shaped_request(agent_server: ServerThread) -> None:
+    """What Claude Code (2.1) sends, cut down: `?beta=true` and beta headers, system blocks
+    with cache_control, a `system` turn in the middle of `messages`, a tool with an "any
+    value" property, adaptive thinking, context_management, output_config.effort, metadata,
+    a stream. lmx answered 400 to the system turn and to the tool's schema."""
+    system_turn = {
+        "role": "system",
+        "content": [{"type": "text", "text": "Workflows available: deploy, test."}],
+    }
+    user_turn = {
+        "role": "user",
+        "content": [
+            {
+                "type": "text",
+                "text": "Run the deploy workflow.",
+                "cache_control": {"type": "ephemeral"},
+            }
+        ],
+    }
+    body: dict[str, Any] = {
+        "model": SMOL,
+        "system": [
+            {"type": "text", "text": "You are a CLI agent.", "cache_control": {"type": "ephemeral"}}
+        ],
+        "messages": [user_turn, system_turn],
+        "tools": [WORKFLOW],
+        "metadata": {"user_id": '{"device_id": "d", "session_id": "s"}'},
+        "thinking": {"type": "adaptive"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "high"},
+        "max_tokens": 8,
+        "stream": True,
+    }
+    headers = {
+        "anthropic-version": "2023-06-01",
+        "anthropic-beta": "claude-code-20250219,mid-conversation-system-2026-04-07",
+        "x-app": "cli",
+    }
+    url = agent_server.url + "/v1/messages"
+    with httpx.stream("POST", url + "?beta=true", json=body, headers=headers, timeout=600) as r:
+        assert r.status_code == 200, r.read()
+        events = [kind for kind, _ in _events(r)]
+    assert events[0] == "message_start" and events[-1] == "message_stop"
+
+    def count(messages: list[Any]) -> int:
+        asked = {k: body[k] for k in ("model", "system", "tools")} | {"messages": messages}
+        r = httpx.post(url + "/count_tokens", json=asked, headers=headers)
+        assert r.status_code == 200, r.text
+        return r.json()["input_tokens"]  # type: ignore[no-any-return]
+
+    assert count([user_turn, system_turn]) > count([user_turn])  # the turn reaches the prompt
+
+    forced = httpx.post(
+        url,
+        json={
+            **body,
+            "stream": False,
+            "max_tokens": 80,
+            "temperature": 0,
+            "tool_choice": {"type": "tool", "name": "Workflow", "disable_parallel_tool_use": True},
+        },
+        headers=headers,
+        timeout=600,
+    )
+    assert forced.status_code == 200, forced.text
+    [use] = [b for b in forced.json()["content"] if b["type"] == "tool_use"]
+    jsonschema.validate(use["input"], WORKFLOW["input_schema"])

@@ -198,3 +198,24 @@ def test_the_store_is_bounded() -> None:
     store.put("huge", {"id": "huge"}, [{"role": "user", "content": "x" * 5000}])
     assert store.get("huge") is None and store.bytes <= 2000
     assert store.delete("big") and not store.delete("big")
+
+
+def test_bad_tool_choice_is_a_400_in_the_responses_shape(agent_server: ServerThread) -> None:
+    """The error names the function that is not in `tools`, and for a shape lmx does not take
+    it shows the Responses API's own named choice (not Chat Completions' nested one)."""
+    url = agent_server.url + "/v1/responses"
+    base = {"model": SMOL, "input": "Weather in Paris?", "tools": [WEATHER]}
+    for choice, says in [
+        ({"type": "function", "name": "nope"}, "'nope'"),
+        ({"type": "function"}, "name"),
+        ("any", "'any'"),
+        (
+            {"type": "allowed_tools", "mode": "required", "tools": []},
+            '{"type": "function", "name": ...}',
+        ),
+    ]:
+        r = httpx.post(url, json={**base, "tool_choice": choice})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["param"] == "tool_choice"
+        assert says in err["message"], (choice, err["message"])

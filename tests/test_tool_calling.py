@@ -13,7 +13,7 @@ import ollama
 import openai
 import pytest
 
-from server.grammar import json_grammar
+from server.grammar import MAX_PARALLEL_CALLS, json_grammar
 from server.runner import ServerThread
 
 SMOL = "smollm2-135m-instruct.q4_1"
@@ -186,6 +186,27 @@ def test_a_tool_result_turn(client: openai.OpenAI, agent_server: ServerThread) -
     c = second.choices[0]
     assert c.message.content and not c.message.tool_calls
     assert c.finish_reason in ("stop", "length")
+
+
+def test_parallel_forced_calls_are_bounded(client: openai.OpenAI) -> None:
+    """`required` with parallel calls allowed (every client's default): a small model at
+    temperature 0 repeats the same call, and an unbounded grammar let it do so until
+    max_tokens (or the whole context: minutes). The grammar ends the reply after
+    MAX_PARALLEL_CALLS calls."""
+    r = client.chat.completions.create(
+        model=SMOL,
+        messages=ASK,  # type: ignore[arg-type]
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice="required",
+        max_tokens=400,
+        temperature=0,
+    )
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls", (c.finish_reason, c.message)
+    assert c.message.tool_calls and len(c.message.tool_calls) <= MAX_PARALLEL_CALLS
+    assert r.usage is not None and r.usage.completion_tokens < 400
+    for call in c.message.tool_calls:
+        check_weather_call(call)
 
 
 def test_tool_choice_none_answers_in_text(client: openai.OpenAI) -> None:

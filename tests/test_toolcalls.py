@@ -684,3 +684,31 @@ def test_garbage_never_raises_and_never_loses_text(fmt: str) -> None:
         out = collect_output(events)
         if not out.tool_calls and fmt != "generic":  # (generic decodes its JSON response)
             assert re.sub(r"\s", "", out.content) == re.sub(r"\s", "", reply), chunks
+
+
+def test_schemas_without_constraints_accept_any_value() -> None:
+    """`{}` or a description alone means any JSON value (as in llama.cpp's C++ converter);
+    llama-cpp-python's converter rejected the second. A root without constraints is still an
+    object: a tool's arguments, or a response_format."""
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    from server.grammar import json_grammar, tool_call_grammar
+
+    loose = {
+        "type": "object",
+        "properties": {"args": {"description": "any JSON value"}, "extra": {}},
+        "required": ["args"],
+    }
+    tools = parse_tools(
+        [
+            {"type": "function", "function": {"name": "loose", "parameters": loose}},
+            {"type": "function", "function": {"name": "bare", "parameters": {"title": "No args"}}},
+        ]
+    )
+    grammars = [tool_call_grammar(tools, REQUIRED, True), json_grammar(loose), json_grammar({})]
+    for g in grammars:
+        LlamaGrammar.from_string(g, verbose=False)  # llama.cpp parses it
+    rules = dict(line.split(" ::= ", 1) for g in grammars for line in g.splitlines())
+    assert rules["tool0-arguments-args"] == rules["tool0-arguments-extra"] == "value"
+    assert rules["tool1-arguments"] == "object"
+    assert rules["args"] == "value" and "root ::= object" in grammars[2]

@@ -72,9 +72,10 @@ ANTHROPIC_ERRORS = handlers(anthropic_shape)
 
 
 class InputMessage(msgspec.Struct, kw_only=True):
-    """One turn: a string, or a list of content blocks (text, tool_use, tool_result...)."""
+    """One turn: a string, or a list of content blocks (text, tool_use, tool_result...).
+    `system` turns (text only) are instructions mid-conversation, as Claude Code sends them."""
 
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: str | list[dict[str, Any]]
 
 
@@ -210,7 +211,7 @@ def _user(i: int, blocks: list[dict[str, Any]], open_calls: dict[str, str]) -> l
 def messages_of(body: PromptFields) -> list[dict[str, Any]]:
     """Anthropic turns as the pipeline's messages: `tool_use` blocks become an assistant's
     tool calls, `tool_result` blocks tool results (each checked against the calls of the turn
-    before it)."""
+    before it), `system` turns system messages in place."""
     out: list[dict[str, Any]] = []
     if body.system:
         out.append({"role": "system", "content": _text_blocks(body.system, "system")})
@@ -219,7 +220,11 @@ def messages_of(body: PromptFields) -> list[dict[str, Any]]:
         blocks = [{"type": "text", "text": m.content}] if isinstance(m.content, str) else m.content
         if not all(isinstance(b, dict) for b in blocks):
             raise InvalidRequest(f"messages.{i}.content: blocks must be objects", param="messages")
-        if m.role == "assistant":
+        if m.role == "system":
+            # Kept where it stands (a chat template renders a system turn there, as for
+            # /v1/chat/completions); the calls of the turn before stay open for results.
+            out.append({"role": "system", "content": _text_blocks(blocks, f"messages.{i}.content")})
+        elif m.role == "assistant":
             msg = _assistant(i, blocks)
             open_calls = {c["id"]: c["function"]["name"] for c in msg.get("tool_calls", [])}
             out.append(msg)

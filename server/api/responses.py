@@ -41,7 +41,7 @@ from server.pipeline import (
     Sampling,
 )
 from server.runtime import Runtime
-from server.toolcalls import parse_responses_tools, parse_tool_choice
+from server.toolcalls import RESPONSES_NAMED_CHOICE, parse_responses_tools, parse_tool_choice
 
 MAX_STORED = 1000
 MAX_STORED_BYTES = 64 * 1024 * 1024
@@ -390,7 +390,7 @@ class ResponsesController(Controller):
             history = prev.messages
         messages = input_messages(data.input, history)
         tools = parse_responses_tools(data.tools)
-        choice = parse_tool_choice(data.tool_choice, tools)
+        choice = parse_tool_choice(data.tool_choice, tools, named=RESPONSES_NAMED_CHOICE)
         json_mode, schema, fmt = _text_format(data.text)
         system = [{"role": "system", "content": data.instructions}] if data.instructions else []
         req = GenerateRequest(
