@@ -90,7 +90,7 @@ async def _capture(
             while not await page.evaluate(ready):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the page was not ready: {ready}")
-                await asyncio.sleep(0.25)
+                await asyncio.sleep(0.25)  # poll the page's ready script, up to the deadline
             text = str(await page.evaluate(text_js) or "")
             if out is not None:
                 shot = await page.call("Page.captureScreenshot", format="png")

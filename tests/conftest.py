@@ -200,7 +200,7 @@ def wait_for(cond: Callable[[], bool], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
+        time.sleep(0.05)  # the poll interval of a wait with a deadline, not a timing sleep
 
 
 class BackgroundStream:
