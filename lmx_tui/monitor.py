@@ -50,9 +50,15 @@ class MemorySnapshot:
 
     budgets: tuple[tuple[str, int], ...]
     models: tuple[ModelMemory, ...]
+    # The prompt cache: KV states of prompt prefixes kept in host RAM (a share of the RAM
+    # budget) and spilled to disk (outside it).
+    cache_ram: int = 0
+    cache_disk: int = 0
+    cache_entries: int = 0
 
     def used(self, device: str) -> int:
-        return sum(b for m in self.models for d, b in m.by_device if d == device)
+        cache = self.cache_ram if device == "ram" else 0
+        return cache + sum(b for m in self.models for d, b in m.by_device if d == device)
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,14 @@ class MonitorSampler:
                     slot_states=tuple(tuple(x) for x in st.get("slot_states", ())),
                 )
             )
-        memory = MemorySnapshot(tuple(sched.budgets().items()), tuple(shares))
+        cache = self.rt.prefix_store.stats()
+        memory = MemorySnapshot(
+            tuple(sched.budgets().items()),
+            tuple(shares),
+            cache.ram_bytes,
+            cache.disk_bytes,
+            cache.entries,
+        )
         return MonitorSnapshot(
             self._system(), tuple(models), memory, tuple(self.rt.service.in_flight())
         )

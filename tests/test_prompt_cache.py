@@ -6,6 +6,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from server.discovery import ModelInfo, describe_file
@@ -16,6 +17,7 @@ from server.gguf import read_gguf
 from server.memory import estimate
 from server.runtime import Runtime
 from server.settings import ConfigError, build_settings, read_config
+from server.units import human_size
 from tests.conftest import make_config
 
 SMOL = "smollm2-135m-instruct.q4_1"
@@ -365,3 +367,61 @@ def test_q8_0_answers_against_f16(smol: ModelInfo) -> None:
     finally:
         for e in engines.values():
             e.close()
+
+
+def scrape(url: str, name: str, tier: str | None = None) -> float:
+    """One sample of the running server's /metrics, read as Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics").text
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name in (name, name + "_total") and (tier is None or s.labels["tier"] == tier):
+                return s.value
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_the_prompt_cache_is_shown_in_metrics_admin_and_the_tui(swap_rt: Runtime) -> None:
+    """Cold server, as a user finds it: a swap leaves the first model's prompt in the cache,
+    and /metrics, /admin/models, /admin/estimate and the TUI's memory bar all show it."""
+    from openai import OpenAI
+
+    from lmx_tui.app import LmxApp
+    from server.runner import ServerThread
+    from tests.test_tui import frozen_system, until
+
+    rt = swap_rt
+    system = agent_system(3, 40)
+    with ServerThread(rt) as srv:
+        assert scrape(srv.url, "lmx_prompt_cache_bytes", "ram") == 0
+        client = OpenAI(base_url=srv.url + "/v1", api_key="unused")
+        for model in (SMOL, "smol-copy"):  # the second evicts the first (one model at a time)
+            client.chat.completions.create(
+                model=model,
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": "Hi"}],
+                max_tokens=4,
+                temperature=0,
+            )
+        held = scrape(srv.url, "lmx_prompt_cache_bytes", "ram")
+        admin = httpx.get(srv.url + "/admin/models").json()["prompt_cache"]
+        assert held > 0 and admin["ram_bytes"] == held and admin["entries"] >= 1
+        assert held <= scrape(srv.url, "lmx_prompt_cache_limit_bytes", "ram") <= rt.scheduler.budget
+        est = httpx.get(srv.url + "/admin/estimate", params={"model": SMOL}).json()
+        assert est["prompt_cache"]["ram_bytes"] == held
+        r = client.chat.completions.create(
+            model=SMOL,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": "Hi"}],
+            max_tokens=4,
+            temperature=0,
+        )  # swapped back: the prompt comes from the cache
+        assert r.usage.prompt_tokens_details.cached_tokens > 400  # type: ignore[union-attr]
+        assert scrape(srv.url, "lmx_prompt_cache_hits") >= 1
+        assert scrape(srv.url, "lmx_prompt_cache_restored_tokens") > 400
+
+    app = LmxApp(rt, system_sampler=frozen_system())
+    async with app.run_test(size=(140, 40)) as pilot:
+        await pilot.press("f4")  # the Monitor
+        bar = app.query_one("#monitor-budget")
+        await until(pilot, lambda: "prompt cache" in str(bar.render()))
+        held_now = human_size(rt.prefix_store.stats().ram_bytes)
+        assert f"prompt cache {held_now}" in str(bar.render()), str(bar.render())

@@ -9,6 +9,7 @@ from textual.widget import Widget
 from lmx_tui.monitor import MemorySnapshot
 from server.units import human_size
 
+CACHE_STYLE = "cyan"
 PALETTE = ("dodger_blue1", "green3", "dark_orange", "medium_purple1", "gold1", "deep_pink2")
 
 
@@ -65,6 +66,11 @@ class BudgetBar(Widget):
                     out.append("█" * solid, style=colour[m.model])
                     out.append("▓" * (cells - solid), style=colour[m.model])
                     filled += cells
+            if device == "ram" and mem.cache_ram:
+                cells = round(bar_w * mem.cache_ram / budget) if budget else 0
+                cells = max(1, min(cells, bar_w - filled))
+                out.append("▒" * cells, style=CACHE_STYLE)
+                filled += cells
             out.append("░" * max(0, bar_w - filled), style="grey50")
             out.append(tail, style="red bold" if over else "")
             legend = Text("\n")
@@ -80,6 +86,14 @@ class BudgetBar(Widget):
                     measured = f" / {human_size(m.measured)} measured"
                 share = dict(m.by_device)[device]
                 legend.append(f"{m.model}{pin} {human_size(share)} est{measured}")
+            if device == "ram" and (mem.cache_ram or mem.cache_disk):
+                legend.append("  ■ ", style=CACHE_STYLE)
+                on_disk = f", {human_size(mem.cache_disk)} on disk" if mem.cache_disk else ""
+                n = mem.cache_entries
+                legend.append(
+                    f"prompt cache {human_size(mem.cache_ram)}{on_disk} "
+                    f"({n} prefix{'es' if n != 1 else ''})"
+                )
             legend.truncate(width + 1, overflow="ellipsis")
             out.append_text(legend)
         return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import msgspec
@@ -24,6 +24,7 @@ from server import hub
 from server.api.errors import OPENAI_ERRORS
 from server.discovery import ModelInfo
 from server.downloads import Download
+from server.engines.prefix_store import PrefixStoreStats
 from server.errors import LmxError, NotFound
 from server.events import LmxEvent
 from server.load_preview import hub_repo, preview_load
@@ -111,6 +112,7 @@ class AdminController(Controller):
             "budgets": sched.budgets(),
             "used": used_by_device(rt),
             **describe_gpus(rt),
+            "prompt_cache": rt.prefix_store.stats().as_dict(),
             "models": [describe_model(rt, m) for m in rt.catalog.models()],
         }
 
@@ -138,6 +140,8 @@ class AdminController(Controller):
             "budgets": preview.budgets,
             **describe_gpus(rt),
             "measured_bytes": lm.measured if lm else None,
+            # What the cache holds gives way to a model that needs the room (never refused).
+            "prompt_cache": rt.prefix_store.stats().as_dict(),
         }
 
     # ----- requests in flight --------------------------------------------------------------
@@ -410,6 +414,7 @@ class MetricsCollector:
         yield GaugeMetricFamily(
             "lmx_process_resident_memory_bytes", "RSS of lmx", value=process_rss()
         )
+        yield from prompt_cache_metrics(rt.prefix_store.stats())
         snap = self.system.sample()
         if snap.gpus:
             used = GaugeMetricFamily(
@@ -423,6 +428,40 @@ class MetricsCollector:
                 total.add_metric([str(g.index), g.name], g.memory_total)
             yield used
             yield total
+
+
+def prompt_cache_metrics(st: PrefixStoreStats) -> Iterator[Any]:
+    """The prompt cache: held bytes and prefixes per tier, its limits, and how it served."""
+    held = GaugeMetricFamily(
+        "lmx_prompt_cache_bytes", "Prompt-prefix KV states held", labels=["tier"]
+    )
+    limit = GaugeMetricFamily(
+        "lmx_prompt_cache_limit_bytes",
+        "What the prompt cache may hold (RAM: its share of the budget now)",
+        labels=["tier"],
+    )
+    entries = GaugeMetricFamily("lmx_prompt_cache_entries", "Prompt prefixes held", labels=["tier"])
+    for tier, b, lim, n in (
+        ("ram", st.ram_bytes, st.ram_cap, st.ram_entries),
+        ("disk", st.disk_bytes, st.disk_limit, st.disk_entries),
+    ):
+        held.add_metric([tier], b)
+        limit.add_metric([tier], lim)
+        entries.add_metric([tier], n)
+    yield from (held, limit, entries)
+    for name, doc, value in (
+        ("lmx_prompt_cache_hits", "Requests that restored a cached prefix", st.hits),
+        ("lmx_prompt_cache_misses", "Lookups that found no cached prefix", st.misses),
+        (
+            "lmx_prompt_cache_restored_tokens",
+            "Prompt tokens restored, not recomputed",
+            st.restored_tokens,
+        ),
+        ("lmx_prompt_cache_saved", "Prefixes saved into the cache", st.saved),
+        ("lmx_prompt_cache_spilled", "Prefixes spilled from RAM to disk", st.spilled),
+        ("lmx_prompt_cache_dropped", "Prefixes dropped to stay within the limits", st.dropped),
+    ):
+        yield CounterMetricFamily(name, doc, value=value)
 
 
 def metrics_handler(rt: Runtime) -> Any:
