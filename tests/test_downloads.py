@@ -264,6 +264,7 @@ def test_a_file_larger_than_the_free_disk_is_refused(
         assert scan_hf_cache(tmp_path / "hub") == []
     finally:
         q.close()
+        del hub.repos["someone/Huge-GGUF"]  # the hub is shared: later searches must not see it
 
 
 def test_downloads_send_the_users_hub_token(
