@@ -57,6 +57,16 @@ def test_plain(client: openai.OpenAI) -> None:
     assert client.responses.retrieve(r.id).output_text == r.output_text
 
 
+def test_cut_off_by_the_limit_is_incomplete_to_the_last_item(client: openai.OpenAI) -> None:
+    r = client.responses.create(
+        model=SMOL, input="Tell me a long story about the sea.", max_output_tokens=3
+    )
+    assert r.status == "incomplete" and r.incomplete_details
+    assert r.incomplete_details.reason == "max_output_tokens"
+    assert r.output[-1].status == "incomplete"  # the message was cut off too
+    assert r.tool_choice == "auto" and r.tools == []  # unset, echoed as OpenAI does
+
+
 def test_streamed(client: openai.OpenAI) -> None:
     stream = client.responses.create(
         model=SMOL, input="Say hello.", max_output_tokens=10, temperature=0, stream=True

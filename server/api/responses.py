@@ -344,11 +344,14 @@ def call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
     }
 
 
-def output_items(out: ChatOutput) -> list[dict[str, Any]]:
+def output_items(out: ChatOutput, status: str = "completed") -> list[dict[str, Any]]:
+    """The reply's items; cut off by the limit, the last one is `incomplete`, as OpenAI's."""
     items = [reasoning_item(out.reasoning)] if out.reasoning else []
     if out.content or not out.tool_calls:
         items.append(message_item(out.content))
     items += [call_item(c) for c in out.tool_calls]
+    if status != "completed" and items:
+        items[-1]["status"] = status
     return items
 
 
@@ -408,7 +411,8 @@ class ResponsesController(Controller):
             path="/v1/responses",
         )
         run = await rt.service.start(req)
-        echo: Any = data.tool_choice if data.tool_choice is not None else choice.mode
+        # Unset, OpenAI echoes "auto" (what it would be with tools), tools or not.
+        echo: Any = data.tool_choice if data.tool_choice is not None else "auto"
         builder = _Builder(data, echo, fmt, run.model_id)
 
         def keep(response: dict[str, Any], out: ChatOutput) -> None:
@@ -421,8 +425,8 @@ class ResponsesController(Controller):
         if run.error:
             raise EngineFailure(run.error)
         out = result.outputs[0]
-        builder.output = output_items(out)
         status, extra = _ending(Done(0, result.finished[0]))
+        builder.output = output_items(out, status)
         response = builder.response(status, run, **extra)
         keep(response, out)
         return Response(response)
