@@ -90,6 +90,33 @@ class Timings:
     def as_dict(self) -> dict[str, Any]:
         return {k: round(v, 2) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
+    @classmethod
+    def measure(
+        cls,
+        *,
+        queued: float,
+        started: float | None,
+        first_token: float | None,
+        end: float,
+        prompt_tokens: int,
+        cached: int,
+        generated: int,
+    ) -> Timings:
+        """A request's figures from its perf_counter() marks, the same way in every engine."""
+        start = started or end
+        first = first_token or end
+        prefill_s = max(first - start, 1e-9)
+        decode_s = end - first
+        return cls(
+            queue_ms=(start - queued) * 1000,
+            ttft_ms=(first - queued) * 1000,
+            prompt_tokens=prompt_tokens,
+            cached_tokens=cached,
+            prefill_tokens_per_s=(prompt_tokens - cached) / prefill_s,
+            decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 and decode_s else 0.0,
+            total_ms=(end - queued) * 1000,
+        )
+
 
 @dataclass(frozen=True)
 class Finished:
@@ -315,3 +342,42 @@ def collect(engine: Engine, request: GenerationRequest) -> tuple[str, Finished]:
             parts.append(ev.text)
     finally:
         gen.cancel()
+
+
+class FinishingJob(Protocol):
+    """What an engine's job knows when it ends: the marks `finish_job` reads."""
+
+    gen: Generation
+    queued_at: float
+    started_at: float
+    first_token_at: float
+    cached: int
+    n_gen: int
+    text_held: str
+    stopped_by: str | None
+
+
+def finish_job(
+    job: FinishingJob, reason: str, error: str | None, record: Callable[[str, Timings], None]
+) -> None:
+    """End a job the same way in every engine: the text held back as a possible stop string
+    is real text (a matched stop string has already cleared it), whatever ended the request;
+    then its timings, given to `record` before the client can see the Finished event."""
+    if job.text_held and reason != "error":
+        job.gen.emit(TokenText(job.text_held))
+    n_prompt = len(job.gen.request.prompt_tokens)
+    timings = Timings.measure(
+        queued=job.queued_at,
+        started=job.started_at,
+        first_token=job.first_token_at,
+        end=time.perf_counter(),
+        prompt_tokens=n_prompt,
+        cached=job.cached,
+        generated=job.n_gen,
+    )
+    record(reason, timings)
+    job.gen.emit(
+        Finished(
+            reason, n_prompt, job.n_gen, job.cached, timings, error, stop_sequence=job.stopped_by
+        )
+    )

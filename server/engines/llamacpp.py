@@ -36,6 +36,7 @@ from server.engines.base import (
     Sink,
     Timings,
     TokenText,
+    finish_job,
 )
 from server.engines.prefix_store import PrefixMatch
 from server.errors import EngineFailure, InvalidRequest, QueueFull
@@ -925,42 +926,17 @@ class LlamaCppEngine:
         assert job is not None
         slot.job = None
         slot.last_used = time.perf_counter()
-        # Text held back as a possible stop string is real text (a matched stop string has
-        # already cleared it), whatever ended the request; bytes of a character cut in half by
-        # the limit are not, and are dropped rather than sent as U+FFFD.
-        if job.text_held and reason != "error":
-            job.gen.emit(TokenText(job.text_held))
         llama_cpp.llama_sampler_free(job.sampler)
         if job.pending:  # cancelled mid-prefill: drop the partial prompt from the cache
             keep = len(slot.tokens)
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq, keep, -1)
-        end = time.perf_counter()
-        n_prompt = len(job.gen.request.prompt_tokens)
-        first = job.first_token_at or end
-        prefill_s = max(first - job.started_at, 1e-9)
-        decode_s = end - first
-        timings = Timings(
-            queue_ms=(job.started_at - job.queued_at) * 1000 if job.started_at else 0.0,
-            ttft_ms=(first - job.queued_at) * 1000,
-            prompt_tokens=n_prompt,
-            cached_tokens=job.cached,
-            prefill_tokens_per_s=(n_prompt - job.cached) / prefill_s,
-            decode_tokens_per_s=(job.n_gen - 1) / decode_s if job.n_gen > 1 and decode_s else 0.0,
-            total_ms=(end - job.queued_at) * 1000,
-        )
+        # Bytes of a character cut in half by the limit are not in text_held: dropped rather
+        # than sent as U+FFFD.
+        finish_job(job, reason, error, self._record)
+
+    def _record(self, reason: str, timings: Timings) -> None:
         self.last_timings = timings
         self.finished[reason] += 1
-        job.gen.emit(
-            Finished(
-                reason,
-                n_prompt,
-                job.n_gen,
-                job.cached,
-                timings,
-                error,
-                stop_sequence=job.stopped_by,
-            )
-        )
 
     def _fail_all(self, message: str) -> None:
         with self._cond:

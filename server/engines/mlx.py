@@ -42,6 +42,7 @@ from server.engines.base import (
     Sink,
     Timings,
     TokenText,
+    finish_job,
 )
 from server.errors import ContextOverflow, EngineFailure, InvalidRequest, QueueFull
 
@@ -679,37 +680,11 @@ class MlxEngine:
             self._active.pop(job.uid, None)
             if 0 <= job.slot < len(self._slots) and self._slots[job.slot] is job:
                 self._slots[job.slot] = None
-        # Text held back as a possible stop string is real text (see the llama.cpp engine).
-        if job.text_held and reason != "error":
-            job.gen.emit(TokenText(job.text_held))
-        end = time.perf_counter()
-        n_prompt = len(job.gen.request.prompt_tokens)
-        started = job.started_at or end
-        first = job.first_token_at or end
-        prefill_s = max(first - started, 1e-9)
-        decode_s = end - first
-        timings = Timings(
-            queue_ms=(started - job.queued_at) * 1000,
-            ttft_ms=(first - job.queued_at) * 1000,
-            prompt_tokens=n_prompt,
-            cached_tokens=job.cached,
-            prefill_tokens_per_s=(n_prompt - job.cached) / prefill_s,
-            decode_tokens_per_s=(job.n_gen - 1) / decode_s if job.n_gen > 1 and decode_s else 0.0,
-            total_ms=(end - job.queued_at) * 1000,
-        )
+        finish_job(job, reason, error, self._record)
+
+    def _record(self, reason: str, timings: Timings) -> None:
         self.last_timings = timings
         self.finished[reason] += 1
-        job.gen.emit(
-            Finished(
-                reason,
-                n_prompt,
-                job.n_gen,
-                job.cached,
-                timings,
-                error,
-                stop_sequence=job.stopped_by,
-            )
-        )
 
     def _fail_all(self, message: str) -> None:
         with self._cond:
