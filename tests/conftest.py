@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -101,6 +102,10 @@ def smollm2_mlx_dir(smollm2_path: Path) -> Path:
     return mlx_dir_for(smollm2_path, cache)
 
 
+# Prefixes the tests' runtimes spill go here, never into the user's ~/.cache/lmx/prompt-cache
+# (which a test run filled with hundreds of MB, and which the app then shows).
+PROMPT_CACHE_DIR = Path(tempfile.mkdtemp(prefix="lmx-test-prompt-cache-"))
+
 TEST_FLAGS: dict[str, object] = {
     "port": 0,
     "ctx": 2048,
@@ -108,7 +113,12 @@ TEST_FLAGS: dict[str, object] = {
     "threads": 2,
     "hf_cache": False,
     "user_stores": False,
+    "prompt_cache_dir": PROMPT_CACHE_DIR,
 }
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(PROMPT_CACHE_DIR, ignore_errors=True)
 
 
 def make_config(path: Path | None = None, **kw: object) -> ConfigStore:

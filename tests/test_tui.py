@@ -496,8 +496,9 @@ async def test_monitor_charts_history_and_slots(rt: Runtime) -> None:
 
 
 def _snap_app() -> LmxApp:
-    # A fixed budget: the default is a share of the RAM free now, different on every machine.
-    config = make_config(max_memory=4_000_000_000)
+    # A fixed budget: the default is a share of the RAM free now, different on every machine;
+    # no prompt cache on disk: what earlier tests left there would show in the memory bar.
+    config = make_config(max_memory=4_000_000_000, prompt_cache_disk=0)
     return LmxApp(Runtime(config), system_sampler=frozen_system(), sample_interval=60)
 
 
