@@ -74,6 +74,7 @@ async def render_app(work: Path, hub: FakeHub) -> list[str]:
             "user_stores": False,
             "model_dirs": [work / "models"],
             "max_memory": 6_000_000_000,
+            "prompt_cache_dir": work / "prompt-cache",
         },
         env={},
     )
@@ -147,6 +148,27 @@ async def render_app(work: Path, hub: FakeHub) -> list[str]:
 
             def post() -> httpx.Response:
                 return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=900)
+
+            # An agent's long system prompt, then an unload: its prefix goes to the prompt
+            # cache, which the memory bar shows as its own segment.
+            rules = " ".join(
+                f"Rule {i}: answer in plain words and cite the manual." for i in range(12)
+            )
+            agent = {
+                "model": SMOLLM2,
+                "max_tokens": 8,
+                "messages": [
+                    {"role": "system", "content": rules},
+                    {"role": "user", "content": "Hi"},
+                ],
+            }
+            await asyncio.to_thread(
+                httpx.post, server.url + "/v1/chat/completions", json=agent, timeout=300
+            )
+            await asyncio.to_thread(
+                httpx.post, server.url + f"/admin/models/{SMOLLM2}/unload", timeout=60
+            )
+            await until(lambda: rt.prefix_store.stats().ram_bytes > 0)
 
             busy = asyncio.gather(*(asyncio.to_thread(post) for _ in range(3)))
             await pilot.press("f4")
