@@ -98,7 +98,7 @@ def open_nvml() -> tuple[Any, str]:
     try:
         pynvml.nvmlInit()
     except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
-        return None, f"no NVIDIA GPU ({_reason(e)})"
+        return None, f"no NVIDIA GPU ({nvml_reason(e)})"
     return pynvml, ""
 
 
@@ -106,7 +106,7 @@ def read_gpus(pynvml: Any) -> tuple[list[Gpu], str]:
     """One reading from an initialized NVML: the visible GPUs, and a note when there are none."""
     try:
         count = int(pynvml.nvmlDeviceGetCount())
-        order = _visible(pynvml, count)
+        order = visible_indices(pynvml, count)
         out = []
         for cuda_index, nvml_index in enumerate(order):
             handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
@@ -116,14 +116,14 @@ def read_gpus(pynvml: Any) -> tuple[list[Gpu], str]:
                 name = name.decode("utf-8", "replace")
             out.append(Gpu(cuda_index, str(name), int(mem.total), int(mem.free)))
     except Exception as e:
-        return [], f"no NVIDIA GPU (NVML: {_reason(e)})"
+        return [], f"no NVIDIA GPU (NVML: {nvml_reason(e)})"
     if not out:
         hidden = os.environ.get("CUDA_VISIBLE_DEVICES") is not None and count
         return [], "no NVIDIA GPU visible (CUDA_VISIBLE_DEVICES)" if hidden else "no NVIDIA GPU"
     return out, ""
 
 
-def _visible(pynvml: Any, count: int) -> list[int]:
+def visible_indices(pynvml: Any, count: int) -> list[int]:
     """NVML indices of the GPUs CUDA will see, in CUDA's order (CUDA_VISIBLE_DEVICES: indices
     or GPU-UUID prefixes; as CUDA does, the list ends at the first entry that names none)."""
     spec = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -152,6 +152,6 @@ def _uuid(pynvml: Any, index: int) -> str:
     return u.decode() if isinstance(u, bytes) else str(u)
 
 
-def _reason(e: Exception) -> str:
+def nvml_reason(e: Exception) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:80]

@@ -13,6 +13,8 @@ from typing import Any
 
 import psutil
 
+from server.gpus import nvml_reason, open_nvml, visible_indices
+
 
 @dataclass(frozen=True)
 class RequestRecord:
@@ -179,19 +181,19 @@ class _Nvml:
 
     @classmethod
     def open(cls) -> _Nvml:
+        """server/gpus.py's NVML, with its GPUs in CUDA's order: GPU n here is GPU n in the
+        memory budget and in llama.cpp's device list."""
+        module, note = open_nvml()
+        if module is None:
+            return cls(note=note)
         try:
-            import pynvml
-        except ImportError:
-            return cls(note="no NVIDIA GPU (nvidia-ml-py missing)")
-        try:
-            pynvml.nvmlInit()
-            n = pynvml.nvmlDeviceGetCount()
-            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(n)]
-        except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
-            return cls(note=f"no NVIDIA GPU ({_nvml_reason(e)})")
+            order = visible_indices(module, int(module.nvmlDeviceGetCount()))
+            handles = [module.nvmlDeviceGetHandleByIndex(i) for i in order]
+        except Exception as e:
+            return cls(note=f"no NVIDIA GPU (NVML: {nvml_reason(e)})")
         if not handles:
             return cls(note="no NVIDIA GPU")
-        return cls(module=pynvml, handles=handles)
+        return cls(module=module, handles=handles)
 
     def sample(self) -> tuple[GpuSnapshot, ...]:
         if self.module is None:
@@ -208,11 +210,6 @@ class _Nvml:
                 name = name.decode("utf-8", "replace")
             out.append(GpuSnapshot(i, str(name), int(mem.used), int(mem.total), int(util.gpu)))
         return tuple(out)
-
-
-def _nvml_reason(e: Exception) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:80]
 
 
 class SystemSampler:

@@ -35,6 +35,7 @@ from server.runner import ServerThread
 from server.runtime import Runtime
 from server.scheduler import Scheduler
 from server.settings import ConfigError, ConfigStore
+from server.telemetry import SystemSampler
 from tests.conftest import make_config
 from tests.nvml import FakeGpu, FakeNvml
 from tests.test_scheduler import FakeClock, FakeEngine
@@ -168,6 +169,9 @@ def test_cuda_visible_devices_decides_which_gpus_and_their_numbers(
     gpus = GpuInventory().gpus()
     assert [g.name for g in gpus] == names
     assert [g.index for g in gpus] == list(range(len(names)))  # CUDA's ordinals
+    # The gauges (TUI, /metrics) number the same GPUs the same way as the budget.
+    sampled = SystemSampler().sample().gpus
+    assert [(g.index, g.name) for g in sampled] == [(g.index, g.name) for g in gpus]
 
 
 # ----- the split -------------------------------------------------------------------------
