@@ -400,7 +400,7 @@ class LmxApp(App[None]):
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         # A late event for a tab no longer active (the first tab's, when a key switched tabs
         # while the app was still starting) must not take the focus back from the user.
-        if event.pane.id and event.pane.id == self.query_one(TabbedContent).active:
+        if event.pane.id and event.pane.id == event.tabbed_content.active:
             self._focus_pane(event.pane.id)
 
     def _focus_pane(self, tab: str) -> None:

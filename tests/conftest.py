@@ -102,8 +102,9 @@ def smollm2_mlx_dir(smollm2_path: Path) -> Path:
     return mlx_dir_for(smollm2_path, cache)
 
 
-# Prefixes the tests' runtimes spill go here, never into the user's ~/.cache/lmx/prompt-cache
-# (which a test run filled with hundreds of MB, and which the app then shows).
+# The tests' runtimes keep prompt prefixes in RAM only: on disk they would outlive the test
+# and change what a later test finds cached. Tests of the disk tier name their own folder; this
+# one is a guard, so that nothing is ever written to the user's ~/.cache/lmx/prompt-cache.
 PROMPT_CACHE_DIR = Path(tempfile.mkdtemp(prefix="lmx-test-prompt-cache-"))
 
 TEST_FLAGS: dict[str, object] = {
@@ -114,6 +115,7 @@ TEST_FLAGS: dict[str, object] = {
     "hf_cache": False,
     "user_stores": False,
     "prompt_cache_dir": PROMPT_CACHE_DIR,
+    "prompt_cache_disk": 0,
 }
 
 

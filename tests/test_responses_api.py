@@ -65,6 +65,20 @@ def test_cut_off_by_the_limit_is_incomplete_to_the_last_item(client: openai.Open
     assert r.incomplete_details.reason == "max_output_tokens"
     assert r.output[-1].status == "incomplete"  # the message was cut off too
     assert r.tool_choice == "auto" and r.tools == []  # unset, echoed as OpenAI does
+    events = list(
+        client.responses.create(
+            model=SMOL,
+            input="Tell me a long story about the sea.",
+            max_output_tokens=3,
+            stream=True,
+        )
+    )
+    done = [e.item.status for e in events if e.type == "response.output_item.done"]
+    final = events[-1].response  # type: ignore[union-attr]
+    assert events[-1].type == "response.incomplete"
+    assert done == ["incomplete"] and final.status == "incomplete"
+    assert [i.status for i in final.output] == ["incomplete"]
+    assert client.responses.retrieve(final.id).output[-1].status == "incomplete"
 
 
 def test_streamed(client: openai.OpenAI) -> None:

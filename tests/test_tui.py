@@ -287,6 +287,24 @@ async def test_hub_pull_shows_progress_and_can_be_cancelled(
         reg.close()
 
 
+async def test_a_late_tab_event_does_not_take_the_focus_back(rt: Runtime) -> None:
+    """At start-up the first tab's TabActivated can arrive after a key has switched tabs (seen
+    under load: F6 then typing went to the model table); it must not move the focus."""
+    from textual.widgets._tabbed_content import ContentTab
+
+    app = LmxApp(rt, system_sampler=frozen_system())
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f6")
+        await until(pilot, lambda: app.focused is app.query_one("#hub-query"))
+        tabs = app.query_one(TabbedContent)
+        late = next(t for t in tabs.query(ContentTab) if t.id and t.id.endswith("models"))
+        tabs.post_message(TabbedContent.TabActivated(tabs, late))
+        await pilot.pause()
+        assert app.focused is app.query_one("#hub-query")
+        await pilot.press(*"gguf")
+        assert app.query_one("#hub-query", Input).value == "gguf"
+
+
 async def test_p_pins_the_selected_model(rt: Runtime) -> None:
     app = LmxApp(rt, system_sampler=frozen_system())
     async with app.run_test(size=(100, 30)) as pilot:

@@ -66,7 +66,7 @@ class BudgetBar(Widget):
                     out.append("█" * solid, style=colour[m.model])
                     out.append("▓" * (cells - solid), style=colour[m.model])
                     filled += cells
-            if device == "ram" and mem.cache_ram:
+            if device == "ram" and mem.cache_ram and filled < bar_w:
                 cells = round(bar_w * mem.cache_ram / budget) if budget else 0
                 cells = max(1, min(cells, bar_w - filled))
                 out.append("▒" * cells, style=CACHE_STYLE)
@@ -88,11 +88,11 @@ class BudgetBar(Widget):
                 legend.append(f"{m.model}{pin} {human_size(share)} est{measured}")
             if device == "ram" and (mem.cache_ram or mem.cache_disk):
                 legend.append("  ■ ", style=CACHE_STYLE)
-                on_disk = f", {human_size(mem.cache_disk)} on disk" if mem.cache_disk else ""
+                held = [f"{human_size(mem.cache_ram)} in RAM"] if mem.cache_ram else []
+                held += [f"{human_size(mem.cache_disk)} on disk"] if mem.cache_disk else []
                 n = mem.cache_entries
                 legend.append(
-                    f"prompt cache {human_size(mem.cache_ram)}{on_disk} "
-                    f"({n} prefix{'es' if n != 1 else ''})"
+                    f"prompt cache {', '.join(held)} ({n} prefix{'es' if n != 1 else ''})"
                 )
             legend.truncate(width + 1, overflow="ellipsis")
             out.append_text(legend)

@@ -112,7 +112,8 @@ class AdminController(Controller):
             "budgets": sched.budgets(),
             "used": used_by_device(rt),
             **describe_gpus(rt),
-            "prompt_cache": rt.prefix_store.stats().as_dict(),
+            # Off the event loop: the store's lock is held while it spills states to disk.
+            "prompt_cache": (await asyncio.to_thread(rt.prefix_store.stats)).as_dict(),
             "models": [describe_model(rt, m) for m in rt.catalog.models()],
         }
 
@@ -141,7 +142,7 @@ class AdminController(Controller):
             **describe_gpus(rt),
             "measured_bytes": lm.measured if lm else None,
             # What the cache holds gives way to a model that needs the room (never refused).
-            "prompt_cache": rt.prefix_store.stats().as_dict(),
+            "prompt_cache": (await asyncio.to_thread(rt.prefix_store.stats)).as_dict(),
         }
 
     # ----- requests in flight --------------------------------------------------------------
@@ -451,7 +452,11 @@ def prompt_cache_metrics(st: PrefixStoreStats) -> Iterator[Any]:
     yield from (held, limit, entries)
     for name, doc, value in (
         ("lmx_prompt_cache_hits", "Requests that restored a cached prefix", st.hits),
-        ("lmx_prompt_cache_misses", "Lookups that found no cached prefix", st.misses),
+        (
+            "lmx_prompt_cache_misses",
+            "Lookups that restored nothing (no cached prefix, or its state failed to load)",
+            st.misses,
+        ),
         (
             "lmx_prompt_cache_restored_tokens",
             "Prompt tokens restored, not recomputed",

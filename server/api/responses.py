@@ -345,14 +345,15 @@ def call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
 
 
 def output_items(out: ChatOutput, status: str = "completed") -> list[dict[str, Any]]:
-    """The reply's items; cut off by the limit, the last one is `incomplete`, as OpenAI's."""
+    """The reply's items. Cut off by the limit, the item holding the cut text is `incomplete`,
+    as OpenAI's: the message (a call cut in half is text in it), else the reasoning."""
     items = [reasoning_item(out.reasoning)] if out.reasoning else []
     if out.content or not out.tool_calls:
         items.append(message_item(out.content))
-    items += [call_item(c) for c in out.tool_calls]
+    calls = [call_item(c) for c in out.tool_calls]
     if status != "completed" and items:
         items[-1]["status"] = status
-    return items
+    return items + calls
 
 
 def reply_message(out: ChatOutput) -> dict[str, Any]:
@@ -483,7 +484,7 @@ async def _stream(run: Run, builder: _Builder, keep: Any) -> AsyncIterator[dict[
         whole = "".join(text)
         kind = item["type"]
         if kind == "message":
-            done_item = message_item(whole)
+            done_item = message_item(whole, status)
             part = done_item["content"][0]
             out.append(
                 event(
@@ -492,7 +493,7 @@ async def _stream(run: Run, builder: _Builder, keep: Any) -> AsyncIterator[dict[
             )
             out.append(event("response.content_part.done", **where(), content_index=0, part=part))
         elif kind == "reasoning":
-            done_item = reasoning_item(whole)
+            done_item = reasoning_item(whole, status)
             out.append(
                 event("response.reasoning_text.done", **where(), content_index=0, text=whole)
             )
@@ -559,14 +560,14 @@ async def _stream(run: Run, builder: _Builder, keep: Any) -> AsyncIterator[dict[
                         "response.failed", response=builder.response("failed", run, error=error)
                     )
                     return
-                for e in close_item():
+                status, extra = _ending(ev)
+                for e in close_item(status):  # the item the limit cut off is incomplete
                     yield e
                 if not builder.output:  # an empty reply is still one (empty) message
                     for e in open_item(message_item("", "in_progress") | {"content": []}):
                         yield e
-                    for e in close_item():
+                    for e in close_item(status):
                         yield e
-                status, extra = _ending(ev)
                 response = builder.response(status, run, **extra)
                 keep(response, ChatOutput("".join(content), "".join(reasoning), calls))
                 kind = "response.completed" if status == "completed" else "response.incomplete"

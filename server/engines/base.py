@@ -105,14 +105,15 @@ class Timings:
         """A request's figures from its perf_counter() marks, the same way in every engine."""
         start = started or end
         first = first_token or end
-        prefill_s = max(first - start, 1e-9)
+        prefill_s = first - start
         decode_s = end - first
         return cls(
             queue_ms=(start - queued) * 1000,
             ttft_ms=(first - queued) * 1000,
             prompt_tokens=prompt_tokens,
             cached_tokens=cached,
-            prefill_tokens_per_s=(prompt_tokens - cached) / prefill_s,
+            # No rate where no prefill was timed (ended before it started, say).
+            prefill_tokens_per_s=(prompt_tokens - cached) / prefill_s if prefill_s > 1e-6 else 0.0,
             decode_tokens_per_s=(generated - 1) / decode_s if generated > 1 and decode_s else 0.0,
             total_ms=(end - queued) * 1000,
         )
