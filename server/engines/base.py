@@ -346,9 +346,11 @@ def collect(engine: Engine, request: GenerationRequest) -> tuple[str, Finished]:
 
 
 class FinishingJob(Protocol):
-    """What an engine's job knows when it ends: the marks `finish_job` reads."""
+    """What an engine's job knows as it streams and ends: what `emit_text` and `finish_job`
+    read and write."""
 
     gen: Generation
+    decoder: Any  # an incremental UTF-8 decoder
     queued_at: float
     started_at: float
     first_token_at: float
@@ -382,3 +384,28 @@ def finish_job(
             reason, n_prompt, job.n_gen, job.cached, timings, error, stop_sequence=job.stopped_by
         )
     )
+
+
+def emit_text(job: FinishingJob, piece: bytes) -> bool:
+    """Send a token's text, holding back what could be the start of a stop string (and
+    finishing on one that matched). True: a stop string matched."""
+    text = job.text_held + job.decoder.decode(piece)
+    stops = job.gen.request.stop
+    for s in stops:
+        k = text.find(s)
+        if k >= 0:
+            if k:
+                job.gen.emit(TokenText(text[:k]))
+            job.text_held = ""
+            job.stopped_by = s
+            return True
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    out, job.text_held = (text[:-hold], text[-hold:]) if hold else (text, "")
+    if out:
+        job.gen.emit(TokenText(out))
+    return False

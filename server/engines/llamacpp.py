@@ -35,7 +35,7 @@ from server.engines.base import (
     Offload,
     Sink,
     Timings,
-    TokenText,
+    emit_text,
     finish_job,
 )
 from server.engines.prefix_store import PrefixMatch
@@ -891,35 +891,12 @@ class LlamaCppEngine:
         job.gen.progress.generated = job.n_gen
         self.tokens_generated += 1
         special = tok in job.gen.request.preserved_tokens
-        if self._emit_text(job, self._piece(tok, special)):
+        if emit_text(job, self._piece(tok, special)):
             self._finish(slot, "stop")
         elif job.n_gen >= job.gen.request.max_tokens or (len(slot.tokens) + 1 >= self.n_ctx_slot):
             self._finish(slot, "length")
         else:
             job.next_token = tok
-
-    def _emit_text(self, job: _Job, piece: bytes) -> bool:
-        """Send text, holding back what could be the start of a stop string. True: stopped."""
-        text = job.text_held + job.decoder.decode(piece)
-        stops = job.gen.request.stop
-        for s in stops:
-            k = text.find(s)
-            if k >= 0:
-                if k:
-                    job.gen.emit(TokenText(text[:k]))
-                job.text_held = ""
-                job.stopped_by = s
-                return True
-        hold = 0
-        for s in stops:
-            for n in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
-        out, job.text_held = (text[:-hold], text[-hold:]) if hold else (text, "")
-        if out:
-            job.gen.emit(TokenText(out))
-        return False
 
     def _finish(self, slot: _Slot, reason: str, error: str | None = None) -> None:
         job = slot.job

@@ -41,7 +41,7 @@ from server.engines.base import (
     GenerationRequest,
     Sink,
     Timings,
-    TokenText,
+    emit_text,
     finish_job,
 )
 from server.errors import ContextOverflow, EngineFailure, InvalidRequest, QueueFull
@@ -629,7 +629,7 @@ class MlxEngine:
                 piece = self._special_bytes.get(token) or self._token_bytes[token]
             else:
                 piece = self._token_bytes[token] if token < len(self._token_bytes) else b""
-            if self._emit_text(job, piece):
+            if emit_text(job, piece):
                 if r.finish_reason is None:
                     self._remove([r.uid])
                 self._finish(job, "stop")
@@ -647,29 +647,6 @@ class MlxEngine:
         self._prompt_cache.insert_cache(_CACHE_KEY, list(tokens), cache)
         room = self._kv_budget - self._generator.prompt_cache_nbytes
         self._prompt_cache.trim_to(n_bytes=max(0, room))
-
-    def _emit_text(self, job: _Job, piece: bytes) -> bool:
-        """Send text, holding back what could be the start of a stop string. True: stopped."""
-        text = job.text_held + job.decoder.decode(piece)
-        stops = job.gen.request.stop
-        for s in stops:
-            k = text.find(s)
-            if k >= 0:
-                if k:
-                    job.gen.emit(TokenText(text[:k]))
-                job.text_held = ""
-                job.stopped_by = s
-                return True
-        hold = 0
-        for s in stops:
-            for n in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:n]):
-                    hold = max(hold, n)
-                    break
-        out, job.text_held = (text[:-hold], text[-hold:]) if hold else (text, "")
-        if out:
-            job.gen.emit(TokenText(out))
-        return False
 
     def _finish_unstarted(self, job: _Job) -> None:
         self.finished["cancelled"] += 1
