@@ -219,6 +219,36 @@ def test_ollama_pull_and_delete(hub: FakeHub, served: tuple[Any, Runtime]) -> No
     assert e.value.status_code == 501 and "hf.co/ORG/REPO" in e.value.error
 
 
+def test_ollama_pull_stream_survives_a_download_that_ends_between_lines(
+    served: tuple[Any, Runtime],
+) -> None:
+    """The download thread can finish while a progress line is going out: the stream then ends
+    with success, not a dropped connection (CI saw `StopIteration` in the generator)."""
+    import asyncio
+
+    from server.api.ollama import _pull_progress
+    from server.downloads import Download
+
+    _srv, rt = served
+    job = Download("race", REPO, "x.gguf", "ab" * 32, 10, "c" * 40, state="running", done=3)
+
+    async def drive() -> list[dict[str, Any]]:
+        out = []
+        async for raw in _pull_progress(rt, [job]):
+            out.append(httpx.Response(200, content=raw).json())
+            if out[-1]["status"].startswith("pulling ab"):
+                job.state, job.done = "done", 10  # finished after the loop saw it running
+        return out
+
+    lines = asyncio.run(drive())
+    assert [x["status"] for x in lines] == [
+        "pulling manifest",
+        f"pulling {'ab' * 6}",
+        "verifying sha256 digest",
+        "success",
+    ]
+
+
 def test_no_network_is_one_line(tmp_path: Path) -> None:
     import socket
 

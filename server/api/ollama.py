@@ -560,8 +560,10 @@ async def _pull_progress(rt: Runtime, jobs: list[Any]) -> AsyncIterator[bytes]:
                     "completed": j.done,
                 }
             )
-        active = next(j for j in jobs if j.state in ("queued", "running"))
-        await asyncio.to_thread(rt.downloads.wait, active.id, 0.5)
+        # The download runs on its own thread: it may finish while the lines above go out.
+        active = next((j for j in jobs if j.state in ("queued", "running")), None)
+        if active is not None:
+            await asyncio.to_thread(rt.downloads.wait, active.id, 0.5)
     bad = [j for j in jobs if j.state != "done"]
     if bad:
         yield line({"error": bad[0].error or f"download {bad[0].state}"})
