@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 import time
 from collections import deque
@@ -43,12 +44,15 @@ from server.chat_output import (
     ToolCallStart,
 )
 from server.engines.base import (
+    CallPiece,
     Engine,
+    Event,
     Finished,
     Generation,
     GenerationRequest,
     SamplingParams,
     TextPrompt,
+    ThinkingText,
     TokenText,
 )
 from server.errors import (
@@ -71,7 +75,17 @@ from server.reasoning import (
 from server.scheduler import Lease, Scheduler
 from server.settings import PresetConfig
 from server.telemetry import RequestDetail, RequestLog, RequestRecord
-from server.toolcalls import AUTO, NONE, ToolCallPlan, ToolChoice, ToolSpec, plan_tool_calls
+from server.toolcall_parsers import new_call_id
+from server.toolcalls import (
+    AUTO,
+    NONE,
+    ToolCallPlan,
+    ToolChoice,
+    ToolSpec,
+    messages_for_openai,
+    openai_tool_choice,
+    plan_tool_calls,
+)
 
 # Bounds every front end gets (the OpenAPI schema of /v1 and /api states the same ones).
 SAMPLING_BOUNDS: dict[str, tuple[float | None, float | None, bool]] = {
@@ -312,6 +326,70 @@ class Prompt:
         return ChatOutputParser(reasoning=reasoning, tools=tools)
 
 
+class EngineCalls:
+    """Tool calls an engine parsed itself (an upstream server's `tool_calls`), as the events
+    the text parsers give: each call starts once its name is known, its argument fragments
+    follow, and all of them end with the reply (complete when the arguments are a JSON
+    object)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, _Call] = {}  # by the engine's index
+
+    def feed(self, piece: CallPiece) -> list[OutputEvent]:
+        call = self._calls.get(piece.index)
+        if call is None:
+            call = self._calls[piece.index] = _Call(len(self._calls))
+        if piece.id and not call.id:
+            call.id = piece.id
+        if piece.name and not call.name:
+            call.name = piece.name
+        call.arguments.append(piece.arguments)
+        out: list[OutputEvent] = []
+        if not call.started and call.name:
+            call.started = True
+            call.id = call.id or new_call_id()
+            out.append(ToolCallStart(call.index, call.id, call.name))
+            piece = replace(piece, arguments="".join(call.arguments))
+        if call.started and piece.arguments:
+            out.append(ToolCallDelta(call.index, piece.arguments))
+        return out
+
+    def finish(self, reason: str) -> list[OutputEvent]:
+        """End every call, as the reply ended for `reason` (a call with no arguments is one
+        that takes none, unless the limit cut the reply before they came)."""
+        out: list[OutputEvent] = []
+        for call in self._calls.values():
+            args = "".join(call.arguments)
+            if not call.started:  # never named: not a call anyone can make
+                if args:
+                    out.append(ContentDelta(args))
+                continue
+            complete = _is_object(args) if args or reason != "stop" else True
+            out.append(
+                ToolCallEnd(
+                    call.index, call.id, call.name, args or "{}", complete, "" if complete else args
+                )
+            )
+        self._calls.clear()
+        return out
+
+
+@dataclass
+class _Call:
+    index: int
+    id: str = ""
+    name: str = ""
+    started: bool = False
+    arguments: list[str] = field(default_factory=list)
+
+
+def _is_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
 class Run:
     """One submitted request: its events, its lease, its record. Use `events()` or `result()`,
     and `aclose()` if neither ran to the end (both close it themselves when they do)."""
@@ -343,8 +421,9 @@ class Run:
         self._kept = 0
         self._parsers = [prompt.parser() for _ in requests]
         self._calls = [0] * len(requests)
-        self._queue: asyncio.Queue[tuple[int, TokenText | Finished]] = asyncio.Queue()
-        self._early: deque[tuple[int, TokenText | Finished]] = deque()  # read by opened()
+        self._engine_calls = [EngineCalls() for _ in requests]
+        self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self._early: deque[tuple[int, Event]] = deque()  # read by opened()
         self._gens: list[Generation] = []
         self._closed = False
         self._cancelled = False  # by the operator (cancel()), not by an unload
@@ -361,7 +440,7 @@ class Run:
             raise
 
     def _sink(self, loop: asyncio.AbstractEventLoop, i: int) -> Any:
-        def sink(ev: TokenText | Finished) -> None:
+        def sink(ev: Event) -> None:
             loop.call_soon_threadsafe(self._queue.put_nowait, (i, ev))
 
         return sink
@@ -431,6 +510,11 @@ class Run:
                         continue
                     for out in self._translate(i, parser.feed(ev.text)):
                         yield out
+                elif isinstance(ev, ThinkingText):
+                    yield Reasoning(i, ev.text)
+                elif isinstance(ev, CallPiece):
+                    for out in self._translate(i, self._engine_calls[i].feed(ev)):
+                        yield out
                 else:
                     if ev.reason == "cancelled" and not (self._closed or self._cancelled):
                         # Nobody here cancelled it: the model was unloaded or lmx is stopping.
@@ -440,6 +524,8 @@ class Run:
                     if parser is not None:
                         for out in self._translate(i, parser.finish()):
                             yield out
+                    for out in self._translate(i, self._engine_calls[i].finish(ev.reason)):
+                        yield out
                     self.finished[i] = ev
                     yield Done(i, ev, self._calls[i])
         finally:
@@ -855,14 +941,10 @@ def has_tool_history(messages: list[dict[str, Any]]) -> bool:
 def text_requests(req: GenerateRequest) -> list[GenerationRequest]:
     """One request per prompt and choice, as text, for an engine that takes text: the upstream
     applies its own template, tokenizer, context check and format constraint."""
-    if req.tools or (req.messages is not None and has_tool_history(req.messages)):
-        # Not forwarded yet: the upstream's own tool calls would need its parser's output
-        # turned back into events. A clear refusal, not tools silently dropped.
-        raise InvalidRequest(
-            "tools are not supported for upstream models yet; call the upstream directly "
-            "for tool calling.",
-            param="tools",
-        )
+    messages = req.messages
+    if messages is not None and (req.tools or has_tool_history(messages)):
+        messages = messages_for_openai(messages)  # ids paired, arguments as JSON text
+    tools = [t.openai() for t in req.tools] or None
     texts = [None] if req.prompts is None else list(req.prompts)
     if any(t == "" for t in texts):
         raise InvalidRequest("prompt is empty.", param="prompt")
@@ -875,16 +957,22 @@ def text_requests(req: GenerateRequest) -> list[GenerationRequest]:
                     max_tokens=req.max_tokens or 0,
                     sampling=req.sampling.params(i),
                     stop=[s for s in req.stop if s],
+                    grammar=req.grammar,  # llama.cpp's extension: its servers and lmx read it
                     logit_bias=dict(req.logit_bias),
                     ignore_eos=req.ignore_eos,
                     label=req.label,
                     text=TextPrompt(
-                        messages=req.messages,
+                        messages=messages,
                         prompt=prompt,
                         raw=req.raw,
                         sampling=req.sampling.given(i),
                         json_mode=req.json_mode,
                         json_schema=req.json_schema,
+                        tools=tools,
+                        tool_choice=openai_tool_choice(req.choice) if tools else None,
+                        # Only a refusal of parallel calls is sent (True is every server's
+                        # default, and some servers reject the field).
+                        parallel_tool_calls=None if req.parallel_tool_calls or not tools else False,
                     ),
                 )
             )

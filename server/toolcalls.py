@@ -444,6 +444,40 @@ def messages_for_template(
     return out if native else _merge_same_roles(out)
 
 
+def messages_for_openai(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """History as OpenAI's chat API spells it, for an upstream server: an assistant's calls
+    with ids, `type: function` and arguments as JSON text; results' content as text."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        msg = dict(m)
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            msg["content"] = text_of(m.get("content")) or None
+            msg["tool_calls"] = [
+                {
+                    "id": cid,
+                    "type": "function",
+                    "function": {
+                        "name": name,
+                        "arguments": args
+                        if isinstance(args, str)
+                        else json.dumps(args, ensure_ascii=False),
+                    },
+                }
+                for cid, name, args in _calls_of(m)
+            ]
+        elif m.get("role") == "tool":
+            msg["content"] = text_of(m.get("content"))
+        out.append(msg)
+    return out
+
+
+def openai_tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
+    """A tool choice as OpenAI's chat API spells it."""
+    if choice.mode == "function":
+        return {"type": "function", "function": {"name": choice.name}}
+    return choice.mode
+
+
 def _merge_same_roles(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for m in messages:

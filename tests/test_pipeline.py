@@ -117,3 +117,36 @@ def test_each_router_answers_errors_in_its_dialect(
         assert isinstance(err, str) and err
     else:
         assert set(err) == {"message", "type", "param", "code"}
+
+
+def test_calls_an_engine_parsed_itself_become_the_parsers_events() -> None:
+    """An upstream's `tool_calls` deltas: a call starts once its name is known (arguments that
+    came first are not lost), servers' own indexes are renumbered from 0, and at the end a call
+    whose arguments are not a JSON object is given back as text, as a broken parsed call is."""
+    from server.chat_output import ContentDelta, ToolCallDelta, ToolCallEnd, ToolCallStart
+    from server.engines.base import CallPiece
+    from server.pipeline import EngineCalls
+
+    calls = EngineCalls()
+    out = calls.feed(CallPiece(3, id="call_a"))  # no name yet: nothing to start
+    out += calls.feed(CallPiece(3, arguments='{"city": '))
+    out += calls.feed(CallPiece(3, name="get_weather", arguments='"Paris"}'))
+    out += calls.feed(CallPiece(7, name="get_time", arguments='{"city": "Ro'))
+    out += calls.feed(CallPiece(9, arguments="stray"))  # never named
+    assert out[0] == ToolCallStart(0, "call_a", "get_weather")
+    assert "".join(e.arguments for e in out if isinstance(e, ToolCallDelta) and e.index == 0) == (
+        '{"city": "Paris"}'
+    )
+    assert isinstance(out[-1], ToolCallDelta) and out[-1].index == 1
+    start = out[-2]
+    assert isinstance(start, ToolCallStart) and start.id.startswith("call_")
+    assert calls.finish("length") == [
+        ToolCallEnd(0, "call_a", "get_weather", '{"city": "Paris"}'),
+        ToolCallEnd(1, start.id, "get_time", '{"city": "Ro', False, '{"city": "Ro'),
+        ContentDelta("stray"),
+    ]
+    # No arguments: a function that takes none, unless the limit cut the reply first.
+    for reason, complete in (("stop", True), ("length", False)):
+        calls.feed(CallPiece(0, id="call_b", name="now"))
+        [end] = calls.finish(reason)
+        assert isinstance(end, ToolCallEnd) and end.complete is complete

@@ -441,6 +441,23 @@ def test_ollama_streams_tool_calls_whole(ollama_client: ollama.Client) -> None:
             jsonschema.validate(tc.function.arguments, WEATHER_SCHEMA)
 
 
+def test_ollama_stream_keeps_a_call_the_limit_broke_off(ollama_client: ollama.Client) -> None:
+    """SmolLM2 makes calls until the limit cuts one: streamed, the reply is what the whole one
+    is (complete calls as calls, the broken one as text), not the calls alone."""
+    ask: dict[str, Any] = {
+        "model": SMOL,
+        "messages": ASK,
+        "tools": [WEATHER],
+        "options": {"temperature": 0, "num_predict": 120},
+    }
+    whole = ollama_client.chat(**ask)
+    parts = list(ollama_client.chat(**ask, stream=True))
+    assert whole.done_reason == parts[-1].done_reason == "length"
+    assert whole.message.tool_calls and whole.message.content  # the broken call's text
+    assert "".join(p.message.content or "" for p in parts) == whole.message.content
+    assert [tc for p in parts for tc in p.message.tool_calls or []] == whole.message.tool_calls
+
+
 def test_ollama_think(ollama_client: ollama.Client, agent_server: ServerThread) -> None:
     body = {
         "model": "smollm2-think",

@@ -524,7 +524,7 @@ class OllamaController(Controller):
 
 async def _ndjson(run: Run, model: str, piece: Any, show_thinking: bool) -> AsyncIterator[bytes]:
     """One line per piece of answer or thinking; a tool call goes out whole when it ends, with
-    its arguments as an object (as Ollama sends them)."""
+    its arguments as an object (as Ollama sends them), and one the reply broke off as text."""
     try:
         async for ev in run.events():
             if isinstance(ev, Delta):
@@ -535,6 +535,8 @@ async def _ndjson(run: Run, model: str, piece: Any, show_thinking: bool) -> Asyn
             elif isinstance(ev, CallEnd):
                 if ev.complete:
                     yield msgspec.json.encode(piece("", "", [_call(ev)])) + b"\n"
+                elif ev.raw:  # a call the reply broke off: its text, as the whole reply gives it
+                    yield msgspec.json.encode(piece(ev.raw)) + b"\n"
             elif isinstance(ev, Done):
                 if ev.finished.reason == "error":
                     yield msgspec.json.encode({"error": ev.finished.error}) + b"\n"

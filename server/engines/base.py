@@ -47,6 +47,11 @@ class TextPrompt:
     sampling: dict[str, Any] = field(default_factory=dict)  # only the fields the caller set
     json_mode: bool = False
     json_schema: dict[str, Any] | None = None  # with json_mode: the schema to match
+    # Tool calling, spelled as OpenAI's chat API spells it: the upstream's own template and
+    # parser handle the calls, which come back as `CallPiece` events.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # None: the upstream's default
 
 
 @dataclass
@@ -135,7 +140,26 @@ class Finished:
     stop_sequence: str | None = None  # the stop string that ended it (reason "stop")
 
 
-Event = TokenText | Finished
+@dataclass(frozen=True)
+class ThinkingText:
+    """Thinking an engine split out itself (an upstream's `reasoning_content`)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class CallPiece:
+    """A piece of a tool call an engine parsed itself (an upstream's `tool_calls` deltas): call
+    `index` of this reply; its id and name come with its first piece, and its `arguments`
+    fragments join to the call's JSON text."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+Event = TokenText | ThinkingText | CallPiece | Finished
 Sink = Callable[[Event], None]
 
 
@@ -329,7 +353,7 @@ async def stream(
 
 
 def collect(engine: Engine, request: GenerationRequest) -> tuple[str, Finished]:
-    """Run a request to the end from a plain thread (CLI, tests)."""
+    """Run a request to the end from a plain thread (CLI, tests): the answer text."""
     import queue as _queue
 
     q: _queue.Queue[Event] = _queue.Queue()
@@ -340,7 +364,8 @@ def collect(engine: Engine, request: GenerationRequest) -> tuple[str, Finished]:
             ev = q.get()
             if isinstance(ev, Finished):
                 return "".join(parts), ev
-            parts.append(ev.text)
+            if isinstance(ev, TokenText):
+                parts.append(ev.text)
     finally:
         gen.cancel()
 

@@ -8,6 +8,10 @@ for its token counts; without them, each text chunk counts as one token) on one 
 in the engine's own thread, never the server's. Cancelling a generation closes its HTTP
 stream, which is how an OpenAI server learns the client has gone. Connecting waits
 CONNECT_TIMEOUT seconds at most; reading waits the upstream's `timeout`.
+
+Tools go with the request as OpenAI spells them (`tools`, `tool_choice`): the upstream's own
+template and parser make the calls, whose `tool_calls` deltas come back as `CallPiece` events
+(its `reasoning_content` as `ThinkingText`), so every dialect lmx speaks can call tools on it.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ import httpx
 from server.chat_template import ChatTemplate
 from server.discovery import ModelInfo
 from server.engines.base import (
+    CallPiece,
     EngineOptions,
     Finished,
     Generation,
     GenerationRequest,
     Sink,
     TextPrompt,
+    ThinkingText,
     Timings,
     TokenText,
 )
@@ -321,9 +327,17 @@ class UpstreamEngine:
             body["logit_bias"] = {str(k): v for k, v in req.logit_bias.items()}
         if req.ignore_eos:
             body["ignore_eos"] = True  # vLLM's, SGLang's and lmx's extension
+        if req.grammar:
+            body["grammar"] = req.grammar  # llama.cpp's extension (llama-server, lmx)
         fmt = response_format(text, schema_as_json_object)
         if fmt is not None:
             body["response_format"] = fmt
+        if text.tools:
+            body["tools"] = text.tools
+            if text.tool_choice is not None:
+                body["tool_choice"] = text.tool_choice
+            if text.parallel_tool_calls is not None:
+                body["parallel_tool_calls"] = text.parallel_tool_calls
         return body
 
     def path_for(self, text: TextPrompt) -> str:
@@ -476,21 +490,47 @@ class _Stream:
         for choice in chunk.get("choices") or []:
             if not isinstance(choice, dict):
                 continue
-            if whole:
-                message = choice.get("message") or {}
-                piece = message.get("content") if message else choice.get("text")
-            elif "delta" in choice:
-                piece = (choice.get("delta") or {}).get("content")
+            part = choice.get("message") if whole else choice.get("delta")
+            if not isinstance(part, dict):  # a text completion
+                self._emit(TokenText, choice.get("text"))
             else:
-                piece = choice.get("text")
-            if isinstance(piece, str) and piece:
-                if self.first_at is None:
-                    self.first_at = time.perf_counter()
-                self.chunks += 1
-                self.gen.emit(TokenText(piece))
+                # Thinking under either name (lmx sends both, with the same text).
+                self._emit(ThinkingText, part.get("reasoning_content") or part.get("reasoning"))
+                self._emit(TokenText, part.get("content"))
+                for k, call in enumerate(part.get("tool_calls") or []):
+                    self._call(call, k)
             reason = choice.get("finish_reason")
             if isinstance(reason, str) and reason:
                 self.reason = FINISH_REASONS.get(reason, "stop")
+
+    def _emit(self, kind: type[TokenText] | type[ThinkingText], piece: Any) -> None:
+        if isinstance(piece, str) and piece:
+            self._arrived()
+            self.gen.emit(kind(piece))
+
+    def _call(self, call: Any, position: int) -> None:
+        """One entry of `tool_calls`: a whole call, or a streamed delta of one."""
+        if not isinstance(call, dict):
+            return
+        fn: dict[str, Any] = call["function"] if isinstance(call.get("function"), dict) else {}
+        args = fn.get("arguments")
+        if isinstance(args, dict):  # some servers send the object itself
+            args = json.dumps(args, ensure_ascii=False)
+        index = call.get("index")
+        self._arrived()
+        self.gen.emit(
+            CallPiece(
+                index if isinstance(index, int) else position,
+                call.get("id") if isinstance(call.get("id"), str) else None,
+                fn.get("name") if isinstance(fn.get("name"), str) else None,
+                args if isinstance(args, str) else "",
+            )
+        )
+
+    def _arrived(self) -> None:
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+        self.chunks += 1
 
     def _counts(self) -> tuple[int, int, int]:
         u = self.usage
