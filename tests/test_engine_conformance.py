@@ -10,7 +10,6 @@ fixture started). Every test below then runs against it.
 from __future__ import annotations
 
 import json
-import queue
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,9 +19,6 @@ from server.discovery import ModelInfo, describe_file, describe_mlx_dir
 from server.engines import Engine, create_engine
 from server.engines.base import (
     EngineOptions,
-    Event,
-    Finished,
-    Generation,
     GenerationRequest,
     SamplingParams,
     TokenText,
@@ -30,6 +26,7 @@ from server.engines.base import (
 from server.errors import ChatTemplateBroken, EngineFailure, InvalidRequest, QueueFull
 from server.grammar import json_grammar
 from tests.conftest import wait_for
+from tests.engine_runs import TIMEOUT, Run, run
 
 
 def _llamacpp(request: pytest.FixtureRequest) -> ModelInfo:
@@ -48,7 +45,6 @@ MODELS: dict[str, Callable[[pytest.FixtureRequest], ModelInfo]] = {
 }
 OPTIONS = EngineOptions(n_ctx=512, parallel=2, threads=2, max_queue=8)
 GREEDY = SamplingParams(temperature=0)
-TIMEOUT = 300  # seconds for one request on a loaded CPU (MLX's CPU backend is slow)
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
@@ -66,39 +62,8 @@ def engine(model: ModelInfo) -> Iterator[Engine]:
     eng.close()
 
 
-class Run:
-    """One submitted request and every event it produced, in order."""
-
-    def __init__(self, engine: Engine, req: GenerationRequest) -> None:
-        self.events: queue.Queue[Event] = queue.Queue()
-        self.seen: list[Event] = []
-        self.gen: Generation = engine.submit(req, self.events.put)
-
-    def next(self) -> Event:
-        ev = self.events.get(timeout=TIMEOUT)
-        self.seen.append(ev)
-        return ev
-
-    def finish(self) -> Finished:
-        while not self.seen or not isinstance(self.seen[-1], Finished):
-            self.next()
-        last = self.seen[-1]
-        assert isinstance(last, Finished)
-        return last
-
-    @property
-    def text(self) -> str:
-        return "".join(e.text for e in self.seen if isinstance(e, TokenText))
-
-
 def prompt(engine: Engine, text: str = "Once upon a time") -> list[int]:
     return engine.tokenize(text, add_special=True, special=False)
-
-
-def run(engine: Engine, req: GenerationRequest) -> tuple[str, Finished]:
-    r = Run(engine, req)
-    fin = r.finish()
-    return r.text, fin
 
 
 def test_loaded_engine_is_alive_with_its_context(engine: Engine, model: ModelInfo) -> None:

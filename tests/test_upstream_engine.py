@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import queue
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,6 @@ from server.discovery import ModelInfo
 from server.engines import Engine, create_engine
 from server.engines.base import (
     EngineOptions,
-    Event,
-    Finished,
-    Generation,
     GenerationRequest,
     SamplingParams,
     TextPrompt,
@@ -36,11 +32,11 @@ from server.runner import ServerThread
 from server.runtime import Runtime
 from server.upstreams import Upstreams
 from tests.conftest import make_config, wait_for
+from tests.engine_runs import TIMEOUT, Run, run
 
 SMOL = "smollm2-135m-instruct.q4_1"
 OPTIONS = EngineOptions(n_ctx=512, parallel=2, threads=2, max_queue=8)
 GREEDY = {"temperature": 0.0}
-TIMEOUT = 300
 
 
 @contextlib.contextmanager
@@ -98,37 +94,6 @@ def request_for(
         else engine.tokenize(text, add_special=True, special=False)
     )
     return GenerationRequest(tokens, max_tokens, params, **kw)
-
-
-class Run:
-    """One submitted request and every event it produced, in order."""
-
-    def __init__(self, engine: Engine, req: GenerationRequest) -> None:
-        self.events: queue.Queue[Event] = queue.Queue()
-        self.seen: list[Event] = []
-        self.gen: Generation = engine.submit(req, self.events.put)
-
-    def next(self) -> Event:
-        ev = self.events.get(timeout=TIMEOUT)
-        self.seen.append(ev)
-        return ev
-
-    def finish(self) -> Finished:
-        while not self.seen or not isinstance(self.seen[-1], Finished):
-            self.next()
-        last = self.seen[-1]
-        assert isinstance(last, Finished)
-        return last
-
-    @property
-    def text(self) -> str:
-        return "".join(e.text for e in self.seen if isinstance(e, TokenText))
-
-
-def run(engine: Engine, req: GenerationRequest) -> tuple[str, Finished]:
-    r = Run(engine, req)
-    fin = r.finish()
-    return r.text, fin
 
 
 def test_loaded_engine_is_alive_and_takes_text(engine: Engine, upstream_model: ModelInfo) -> None:

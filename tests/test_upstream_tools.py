@@ -17,20 +17,11 @@ import pytest
 from server.runner import ServerThread
 from server.runtime import Runtime
 from tests.conftest import make_config
+from tests.test_tool_calling import ASK, SMOL, WEATHER
+from tests.test_tool_calling import WEATHER_SCHEMA as SCHEMA
 
-SMOL = "smollm2-135m-instruct.q4_1"
 VIA = "up/" + SMOL  # the agent server's SmolLM2, under the upstream's prefix
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 20},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-}
-FN = {"name": "get_weather", "description": "Current weather for a city", "parameters": SCHEMA}
-WEATHER = {"type": "function", "function": FN}
-ASK: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+FN = WEATHER["function"]
 NAMED: Any = {"type": "function", "function": {"name": "get_weather"}}
 
 
