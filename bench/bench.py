@@ -119,29 +119,38 @@ def wait_idle(max_waits: int, threshold: float = 25.0) -> None:
     raise SystemExit("the machine stayed busy; refusing to measure")
 
 
+def wait_ready(name: str, proc: subprocess.Popen[bytes], url: str, seconds: float = 180) -> None:
+    """Until `url` answers 200; a server that exits or takes too long ends the bench."""
+    deadline = time.time() + seconds
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"{name} exited; see /tmp/bench-{name}.log")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        if time.time() > deadline:
+            raise SystemExit(f"{name} did not start")
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @contextlib.contextmanager
 def start(name: str, cmd: list[str], port: int, ready_path: str) -> Iterator[str]:
     log = open(f"/tmp/bench-{name}.log", "w")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"{name} exited; see /tmp/bench-{name}.log")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + ready_path, timeout=2).status_code == 200:
-                    break
-            time.sleep(0.3)
-        else:
-            raise SystemExit(f"{name} did not start")
+        wait_ready(name, proc, url + ready_path)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
 
 

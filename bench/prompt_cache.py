@@ -39,7 +39,13 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench import TOPICS, free_port, wait_idle  # bench/bench.py, the directory of this script
+from bench import (  # bench/bench.py, the directory of this script
+    TOPICS,
+    free_port,
+    stop,
+    wait_idle,
+    wait_ready,
+)
 
 MAX_TOKENS = 16
 
@@ -94,25 +100,12 @@ def run_server(name: str, cmd: list[str], port: int, model: str) -> Iterator[Ser
     srv = Server(name, proc, f"http://127.0.0.1:{port}", model)
     sampler = threading.Thread(target=srv.sample, daemon=True)
     try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"{name} exited; see /tmp/bench-{name}.log")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
-                    break
-            if time.time() > deadline:
-                raise SystemExit(f"{name} did not start")
-            time.sleep(0.05)
+        wait_ready(name, proc, srv.url + "/health")
         sampler.start()
         yield srv
     finally:
         srv._stop.set()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
 
 
