@@ -83,7 +83,6 @@ from server.toolcalls import (
     ToolChoice,
     ToolSpec,
     messages_for_openai,
-    openai_tool_choice,
     plan_tool_calls,
 )
 
@@ -328,23 +327,35 @@ class Prompt:
 
 class EngineCalls:
     """Tool calls an engine parsed itself (an upstream server's `tool_calls`), as the events
-    the text parsers give: each call starts once its name is known, its argument fragments
-    follow, and all of them end with the reply (complete when the arguments are a JSON
-    object)."""
+    the text parsers give: a call starts once its name is known, its argument fragments
+    follow, and it ends when the next call begins or the reply ends (complete when its
+    arguments are a JSON object). Calls are told apart by the engine's index or, where a
+    server leaves the index out and sends each call whole, by a new id."""
 
     def __init__(self) -> None:
-        self._calls: dict[int, _Call] = {}  # by the engine's index
+        self._open: _Call | None = None
+        self._key = 0  # the engine's index of the open call
+        self._ended: set[int] = set()
+        self._count = 0
 
     def feed(self, piece: CallPiece) -> list[OutputEvent]:
-        call = self._calls.get(piece.index)
-        if call is None:
-            call = self._calls[piece.index] = _Call(len(self._calls))
+        out: list[OutputEvent] = []
+        call = self._open
+        other_id = call is not None and bool(piece.id and call.id and piece.id != call.id)
+        if call is None or piece.index != self._key or other_id:
+            if piece.index in self._ended and not (piece.id or piece.name):
+                return out  # a late fragment of a call that has ended: nothing to add it to
+            if call is not None:
+                self._ended.add(self._key)
+                out += self._end(call, "stop")  # the reply went on: this call is whole
+            call = self._open = _Call(self._count)
+            self._key = piece.index
+            self._count += 1
         if piece.id and not call.id:
             call.id = piece.id
         if piece.name and not call.name:
             call.name = piece.name
         call.arguments.append(piece.arguments)
-        out: list[OutputEvent] = []
         if not call.started and call.name:
             call.started = True
             call.id = call.id or new_call_id()
@@ -355,23 +366,20 @@ class EngineCalls:
         return out
 
     def finish(self, reason: str) -> list[OutputEvent]:
-        """End every call, as the reply ended for `reason` (a call with no arguments is one
-        that takes none, unless the limit cut the reply before they came)."""
-        out: list[OutputEvent] = []
-        for call in self._calls.values():
-            args = "".join(call.arguments)
-            if not call.started:  # never named: not a call anyone can make
-                if args:
-                    out.append(ContentDelta(args))
-                continue
-            complete = _is_object(args) if args or reason != "stop" else True
-            out.append(
-                ToolCallEnd(
-                    call.index, call.id, call.name, args or "{}", complete, "" if complete else args
-                )
-            )
-        self._calls.clear()
-        return out
+        """End the open call, as the reply ended for `reason`."""
+        call, self._open = self._open, None
+        return [] if call is None else self._end(call, reason)
+
+    @staticmethod
+    def _end(call: _Call, reason: str) -> list[OutputEvent]:
+        """A call with no arguments is one that takes none, unless the limit cut the reply
+        before they came; one that never got a name is given back as text."""
+        args = "".join(call.arguments)
+        if not call.started:
+            return [ContentDelta(args)] if args else []
+        complete = _is_object(args) if args or reason != "stop" else True
+        raw = "" if complete else args
+        return [ToolCallEnd(call.index, call.id, call.name, args or "{}", complete, raw)]
 
 
 @dataclass
@@ -386,7 +394,7 @@ class _Call:
 def _is_object(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
 
 
@@ -938,13 +946,29 @@ def has_tool_history(messages: list[dict[str, Any]]) -> bool:
     return any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
 
 
+def upstream_tools(
+    req: GenerateRequest,
+) -> tuple[list[dict[str, Any]] | None, str | None, bool | None]:
+    """`tools`, `tool_choice` and `parallel_tool_calls` for an upstream, in the form every
+    OpenAI-compatible server reads: a named choice goes as that one tool and `required`
+    (llama-server reads tool_choice only as a string and takes an object for `auto`), and the
+    parallel flag always goes (llama-server's default is false, OpenAI's true)."""
+    if not req.tools:
+        return None, None, None
+    choice = req.choice
+    if choice.mode == "function":
+        named = [t.openai() for t in req.tools if t.name == choice.name]
+        return named, "required", False
+    return [t.openai() for t in req.tools], choice.mode, req.parallel_tool_calls
+
+
 def text_requests(req: GenerateRequest) -> list[GenerationRequest]:
     """One request per prompt and choice, as text, for an engine that takes text: the upstream
     applies its own template, tokenizer, context check and format constraint."""
     messages = req.messages
     if messages is not None and (req.tools or has_tool_history(messages)):
-        messages = messages_for_openai(messages)  # ids paired, arguments as JSON text
-    tools = [t.openai() for t in req.tools] or None
+        messages = messages_for_openai(messages)  # typed calls, arguments as JSON text
+    tools, choice, parallel = upstream_tools(req)
     texts = [None] if req.prompts is None else list(req.prompts)
     if any(t == "" for t in texts):
         raise InvalidRequest("prompt is empty.", param="prompt")
@@ -969,10 +993,8 @@ def text_requests(req: GenerateRequest) -> list[GenerationRequest]:
                         json_mode=req.json_mode,
                         json_schema=req.json_schema,
                         tools=tools,
-                        tool_choice=openai_tool_choice(req.choice) if tools else None,
-                        # Only a refusal of parallel calls is sent (True is every server's
-                        # default, and some servers reject the field).
-                        parallel_tool_calls=None if req.parallel_tool_calls or not tools else False,
+                        tool_choice=choice,
+                        parallel_tool_calls=parallel,
                     ),
                 )
             )

@@ -471,13 +471,6 @@ def messages_for_openai(messages: Sequence[Mapping[str, Any]]) -> list[dict[str,
     return out
 
 
-def openai_tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
-    """A tool choice as OpenAI's chat API spells it."""
-    if choice.mode == "function":
-        return {"type": "function", "function": {"name": choice.name}}
-    return choice.mode
-
-
 def _merge_same_roles(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for m in messages:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -113,7 +116,9 @@ def capture(
     if exe is None:
         raise RuntimeError("chromium is not installed (apt-get install chromium)")
     port = free_port()
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes may still write to the profile as the browser exits: the
+    # whole process group is stopped, and what they leave behind does not fail the capture.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen(
             [
                 exe,
@@ -125,6 +130,7 @@ def capture(
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, helpers included
         )
         try:
             debug_url = f"http://127.0.0.1:{port}"
@@ -139,8 +145,11 @@ def capture(
                     time.sleep(0.1)  # Chromium is starting: poll its DevTools port
             return asyncio.run(_capture(debug_url, url, ready, text_js, out, timeout))
         finally:
-            proc.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)

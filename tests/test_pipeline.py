@@ -121,8 +121,9 @@ def test_each_router_answers_errors_in_its_dialect(
 
 def test_calls_an_engine_parsed_itself_become_the_parsers_events() -> None:
     """An upstream's `tool_calls` deltas: a call starts once its name is known (arguments that
-    came first are not lost), servers' own indexes are renumbered from 0, and at the end a call
-    whose arguments are not a JSON object is given back as text, as a broken parsed call is."""
+    came first are not lost) and ends when the next one starts; servers' own indexes are
+    renumbered from 0; a call whose arguments are not a JSON object is given back as text,
+    as a broken parsed call is."""
     from server.chat_output import ContentDelta, ToolCallDelta, ToolCallEnd, ToolCallStart
     from server.engines.base import CallPiece
     from server.pipeline import EngineCalls
@@ -131,22 +132,52 @@ def test_calls_an_engine_parsed_itself_become_the_parsers_events() -> None:
     out = calls.feed(CallPiece(3, id="call_a"))  # no name yet: nothing to start
     out += calls.feed(CallPiece(3, arguments='{"city": '))
     out += calls.feed(CallPiece(3, name="get_weather", arguments='"Paris"}'))
-    out += calls.feed(CallPiece(7, name="get_time", arguments='{"city": "Ro'))
-    out += calls.feed(CallPiece(9, arguments="stray"))  # never named
-    assert out[0] == ToolCallStart(0, "call_a", "get_weather")
-    assert "".join(e.arguments for e in out if isinstance(e, ToolCallDelta) and e.index == 0) == (
-        '{"city": "Paris"}'
-    )
-    assert isinstance(out[-1], ToolCallDelta) and out[-1].index == 1
-    start = out[-2]
-    assert isinstance(start, ToolCallStart) and start.id.startswith("call_")
-    assert calls.finish("length") == [
-        ToolCallEnd(0, "call_a", "get_weather", '{"city": "Paris"}'),
-        ToolCallEnd(1, start.id, "get_time", '{"city": "Ro', False, '{"city": "Ro'),
-        ContentDelta("stray"),
+    assert out == [
+        ToolCallStart(0, "call_a", "get_weather"),
+        ToolCallDelta(0, '{"city": "Paris"}'),
     ]
+    out = calls.feed(CallPiece(7, name="get_time", arguments='{"city": "Ro'))
+    assert out[0] == ToolCallEnd(0, "call_a", "get_weather", '{"city": "Paris"}')
+    start = out[1]
+    assert isinstance(start, ToolCallStart) and start.id.startswith("call_") and start.index == 1
+    assert out[2:] == [ToolCallDelta(1, '{"city": "Ro')]
+    assert calls.feed(CallPiece(3, arguments="late")) == []  # call 0 has ended
+    out = calls.feed(CallPiece(9, arguments="stray"))  # never named
+    assert out == [ToolCallEnd(1, start.id, "get_time", '{"city": "Ro', False, '{"city": "Ro')]
+    assert calls.finish("length") == [ContentDelta("stray")]
+
+    # Servers that leave out `index` send each call whole: a new id is a new call.
+    calls = EngineCalls()
+    out = calls.feed(CallPiece(0, "id1", "f", '{"a": 1}'))
+    out += calls.feed(CallPiece(0, "id2", "g", '{"b": 2}'))
+    out += calls.finish("stop")
+    ends = [e for e in out if isinstance(e, ToolCallEnd)]
+    assert [(e.id, e.name, e.arguments, e.complete) for e in ends] == [
+        ("id1", "f", '{"a": 1}', True),
+        ("id2", "g", '{"b": 2}', True),
+    ]
+
     # No arguments: a function that takes none, unless the limit cut the reply first.
     for reason, complete in (("stop", True), ("length", False)):
         calls.feed(CallPiece(0, id="call_b", name="now"))
         [end] = calls.finish(reason)
         assert isinstance(end, ToolCallEnd) and end.complete is complete
+
+
+def test_tools_go_to_an_upstream_in_the_form_every_server_reads() -> None:
+    """llama-server reads tool_choice only as a string (an object becomes `auto`) and defaults
+    parallel_tool_calls to false: a named choice goes as that one tool with `required`, and the
+    parallel flag always goes."""
+    from server.pipeline import GenerateRequest, upstream_tools
+    from server.toolcalls import ToolChoice, ToolSpec
+
+    tools = [ToolSpec("a", "", {"type": "object"}), ToolSpec("b", "", {"type": "object"})]
+    req = GenerateRequest("m", messages=HI, tools=tools)
+    sent, choice, parallel = upstream_tools(req)
+    assert [t["function"]["name"] for t in sent or []] == ["a", "b"]
+    assert (choice, parallel) == ("auto", True)
+    named = GenerateRequest("m", messages=HI, tools=tools, tool_choice=ToolChoice("function", "b"))
+    sent, choice, parallel = upstream_tools(named)
+    assert [t["function"]["name"] for t in sent or []] == ["b"]
+    assert (choice, parallel) == ("required", False)
+    assert upstream_tools(GenerateRequest("m", messages=HI)) == (None, None, None)

@@ -491,46 +491,26 @@ class _Stream:
             if not isinstance(choice, dict):
                 continue
             part = choice.get("message") if whole else choice.get("delta")
+            events: list[TokenText | ThinkingText | CallPiece] = []
             if not isinstance(part, dict):  # a text completion
-                self._emit(TokenText, choice.get("text"))
+                events += _text(TokenText, choice.get("text"))
             else:
                 # Thinking under either name (lmx sends both, with the same text).
-                self._emit(ThinkingText, part.get("reasoning_content") or part.get("reasoning"))
-                self._emit(TokenText, part.get("content"))
-                for k, call in enumerate(part.get("tool_calls") or []):
-                    self._call(call, k)
+                thinking = part.get("reasoning_content") or part.get("reasoning")
+                events += _text(ThinkingText, thinking)
+                events += _text(TokenText, part.get("content"))
+                calls = part.get("tool_calls")
+                for k, call in enumerate(calls if isinstance(calls, list) else []):
+                    events += _call(call, k)
+            if events:  # one chunk, one token (when the upstream reports no usage)
+                if self.first_at is None:
+                    self.first_at = time.perf_counter()
+                self.chunks += 1
+            for ev in events:
+                self.gen.emit(ev)
             reason = choice.get("finish_reason")
             if isinstance(reason, str) and reason:
                 self.reason = FINISH_REASONS.get(reason, "stop")
-
-    def _emit(self, kind: type[TokenText] | type[ThinkingText], piece: Any) -> None:
-        if isinstance(piece, str) and piece:
-            self._arrived()
-            self.gen.emit(kind(piece))
-
-    def _call(self, call: Any, position: int) -> None:
-        """One entry of `tool_calls`: a whole call, or a streamed delta of one."""
-        if not isinstance(call, dict):
-            return
-        fn: dict[str, Any] = call["function"] if isinstance(call.get("function"), dict) else {}
-        args = fn.get("arguments")
-        if isinstance(args, dict):  # some servers send the object itself
-            args = json.dumps(args, ensure_ascii=False)
-        index = call.get("index")
-        self._arrived()
-        self.gen.emit(
-            CallPiece(
-                index if isinstance(index, int) else position,
-                call.get("id") if isinstance(call.get("id"), str) else None,
-                fn.get("name") if isinstance(fn.get("name"), str) else None,
-                args if isinstance(args, str) else "",
-            )
-        )
-
-    def _arrived(self) -> None:
-        if self.first_at is None:
-            self.first_at = time.perf_counter()
-        self.chunks += 1
 
     def _counts(self) -> tuple[int, int, int]:
         u = self.usage
@@ -566,6 +546,30 @@ class _Stream:
         self.engine._finish(
             self.gen, Finished("error", 0, 0, error=failure.message, failure=failure)
         )
+
+
+def _text(kind: type[TokenText] | type[ThinkingText], piece: Any) -> list[Any]:
+    return [kind(piece)] if isinstance(piece, str) and piece else []
+
+
+def _call(call: Any, position: int) -> list[CallPiece]:
+    """One entry of `tool_calls`: a whole call, or a streamed delta of one (a server that
+    leaves out `index` gets the entry's position in its chunk)."""
+    if not isinstance(call, dict):
+        return []
+    fn: dict[str, Any] = call["function"] if isinstance(call.get("function"), dict) else {}
+    args = fn.get("arguments")
+    if isinstance(args, dict):  # some servers send the object itself
+        args = json.dumps(args, ensure_ascii=False)
+    index, cid, name = call.get("index"), call.get("id"), fn.get("name")
+    return [
+        CallPiece(
+            index if isinstance(index, int) else position,
+            cid if isinstance(cid, str) else None,
+            name if isinstance(name, str) else None,
+            args if isinstance(args, str) else "",
+        )
+    ]
 
 
 def _error_message(chunk: dict[str, Any]) -> tuple[str, str | None]:
