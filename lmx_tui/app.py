@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from functools import wraps
@@ -470,18 +471,25 @@ def log_file() -> Path:
     return state_dir() / "lmx.log"
 
 
-def run_tui(config: ConfigStore, *, serve: bool = True) -> None:
+def run_tui(config: ConfigStore, *, serve: bool = True) -> int:
     """`lmx`: the app on the main thread, the HTTP server on a worker thread. Every log
-    record goes to the log pane and the log file, from before anything starts until the end."""
+    record goes to the log pane and the log file, from before anything starts until the end.
+    Returns the exit status: non-zero when the app crashed."""
     handler = PostingHandler()
-    with LogRouting(handler, log_file()) as routing:
+    with LogRouting(handler, log_file()) as routing, open(log_file(), "a") as crash_log:
+        # A native crash (a model library's) writes every thread's Python stack to the log
+        # file: the screen is gone by then, and the exit status stays the signal's.
+        faulthandler.enable(crash_log, all_threads=True)
         rt = Runtime(config)
         rt.watch_config()
         server, note = start_server(rt) if serve else (None, "server off")
         routing.sweep()  # the HTTP app (Litestar) configured logging of its own
+        app = LmxApp(rt, server=server, server_note=note, log_handler=handler)
         try:
-            LmxApp(rt, server=server, server_note=note, log_handler=handler).run()
+            app.run()
         finally:
             if server is not None:
                 server.stop()
             rt.close()
+            faulthandler.disable()
+    return app.return_code or 0

@@ -9,10 +9,10 @@ from server.cli import main as server_main
 from server.settings import ConfigStore
 
 
-def run_app(config: ConfigStore, serve: bool) -> None:
+def run_app(config: ConfigStore, serve: bool) -> int:
     from lmx_tui.app import run_tui
 
-    run_tui(config, serve=serve)
+    return run_tui(config, serve=serve)
 
 
 def run_web(config: ConfigStore, host: str, port: int, argv: list[str]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import logging
 import signal
@@ -27,7 +28,7 @@ from server.settings import (
 )
 from server.units import human_params, human_size
 
-RunApp = Callable[[ConfigStore, bool], None]
+RunApp = Callable[[ConfigStore, bool], int | None]  # returns the exit status
 # The app in a browser: (config, host, port, the argv each browser session's app runs with).
 RunWeb = Callable[[ConfigStore, str, int, list[str]], None]
 DEFAULT_WEB_PORT = 8422
@@ -209,7 +210,10 @@ def main(
                 raise CliError(refusal)
             run_web(config, settings.host, args.web_port, web_session_argv(argv))
         elif run_app is not None:
-            run_app(config, not args.no_server)
+            status = run_app(config, not args.no_server)
+            if status:
+                # The app crashed (its traceback is on the terminal): not a success.
+                raise SystemExit(status)
         else:
             raise CliError("the terminal app is not available here; use lmx --no-ui")
     except LmxError as e:
@@ -594,6 +598,9 @@ def cmd_serve(config: ConfigStore, log_level: str) -> None:
         raise CliError(refusal)
     check_tls(settings)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # A native crash (a model library's) must not end the process silently: the Python stack
+    # of every thread goes to the log (stderr here), and the exit status stays the signal's.
+    faulthandler.enable(sys.stderr, all_threads=True)
     sock = bind_socket(settings.host, settings.port)
     try:
         rt = Runtime(config)

@@ -63,7 +63,7 @@ from server.errors import (
     LmxError,
     RateLimited,
 )
-from server.grammar import json_grammar
+from server.grammar import ReplyMismatch, SchemaCheck, check_grammar, json_constraint
 from server.keys import ApiKey, Permit, current_key
 from server.reasoning import (
     THINK_END,
@@ -308,6 +308,8 @@ class Prompt:
     tokens: list[list[int]]
     grammar: str | None = None
     plan: ToolCallPlan | None = None
+    grammar_param: str = "grammar"  # the request field the grammar came from
+    content_check: SchemaCheck | None = None  # the reply's text, validated when it ends
     split_reasoning: bool = False
     starts_thinking: bool = False  # the template opened a thinking block for the reply
     # Control tokens the engine must give as text: the markers the parsers read.
@@ -430,6 +432,11 @@ class Run:
         self._parsers = [prompt.parser() for _ in requests]
         self._calls = [0] * len(requests)
         self._engine_calls = [EngineCalls() for _ in requests]
+        # What the grammar held only in part is checked on the finished reply.
+        self._content_check = prompt.content_check
+        self._call_checks = prompt.plan.checks if prompt.plan is not None else {}
+        self._content: list[list[str]] = [[] for _ in requests]
+        self._mismatch: list[str | None] = [None] * len(requests)
         self._queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self._early: deque[tuple[int, Event]] = deque()  # read by opened()
         self._gens: list[Generation] = []
@@ -499,6 +506,9 @@ class Run:
                 out.append(CallDelta(i, e.index, e.arguments))
             elif isinstance(e, ToolCallEnd):
                 self._calls[i] += e.complete
+                check = self._call_checks.get(e.name)
+                if check is not None and e.complete and self._mismatch[i] is None:
+                    self._mismatch[i] = check.text_problem(e.arguments)
                 out.append(CallEnd(i, e.index, e.id, e.name, e.arguments, e.complete, e.raw))
         return out
 
@@ -514,9 +524,13 @@ class Run:
                         self.texts[i].append(ev.text)
                         self._kept += len(ev.text)
                     if parser is None:
+                        if self._content_check is not None:
+                            self._content[i].append(ev.text)
                         yield Delta(i, ev.text)
                         continue
                     for out in self._translate(i, parser.feed(ev.text)):
+                        if self._content_check is not None and isinstance(out, Delta):
+                            self._content[i].append(out.text)
                         yield out
                 elif isinstance(ev, ThinkingText):
                     yield Reasoning(i, ev.text)
@@ -534,10 +548,27 @@ class Run:
                             yield out
                     for out in self._translate(i, self._engine_calls[i].finish(ev.reason)):
                         yield out
+                    ev = self._checked(i, ev)
                     self.finished[i] = ev
                     yield Done(i, ev, self._calls[i])
         finally:
             await self.aclose()
+
+    def _checked(self, i: int, ev: Finished) -> Finished:
+        """`ev`, or an error when the reply does not match a schema the grammar held only in
+        part (a reply cut short by max_tokens says so by its finish reason instead)."""
+        if ev.reason != "stop":
+            return ev
+        problem = self._mismatch[i]
+        param = "tools"
+        if problem is None and self._content_check is not None:
+            problem = self._content_check.text_problem("".join(self._content[i]))
+            param = self._content_check.param
+        if problem is None:
+            return ev
+        return replace(
+            ev, reason="error", error=problem, failure=ReplyMismatch(problem, param=param)
+        )
 
     async def result(self) -> RunResult:
         """Every choice whole: answer, reasoning, complete tool calls, finish reason."""
@@ -611,6 +642,14 @@ class Run:
             g.cancel()
 
     @property
+    def failure(self) -> LmxError | None:
+        """The first failed choice's error, typed (None: none failed)."""
+        for f in self.finished:
+            if f is not None and f.reason == "error":
+                return f.failure or EngineFailure(f.error or "generation failed")
+        return None
+
+    @property
     def error(self) -> str | None:
         for f in self.finished:
             if f is not None and f.reason == "error":
@@ -629,8 +668,8 @@ class Run:
             self.permit.release()
         self.service._forget(self)
         status = 200 if self.done else 499  # the client went away first
-        if self.error is not None:
-            status = 503
+        if (failure := self.failure) is not None:
+            status = failure.status
         self.service.record(self, status)
 
 
@@ -676,7 +715,7 @@ class GenerationService:
         req = apply_preset(req, target.preset)
         validate(req)
         req = apply_key_cap(req)
-        grammar = constraint_grammar(req)
+        constraint = await asyncio.to_thread(constraint_grammar, req)
         split = self.reasoning_for(target.info.id)
         permit = req.key.enter() if req.key is not None else None
         try:
@@ -692,7 +731,7 @@ class GenerationService:
             else:
                 try:
                     prompt = await asyncio.to_thread(
-                        render, lease.engine, req, grammar=grammar, split_reasoning=split
+                        render, lease.engine, req, constraint=constraint, split_reasoning=split
                     )
                 except ChatTemplateBroken as e:
                     self.catalog.mark_broken(target.info.id, e.message)
@@ -718,11 +757,11 @@ class GenerationService:
         target = self.catalog.target(req.model)
         req = apply_preset(req, target.preset)
         validate(req)
-        grammar = constraint_grammar(req)
+        constraint = await asyncio.to_thread(constraint_grammar, req)
         split = self.reasoning_for(target.info.id)
 
         def run(engine: Engine) -> Prompt:
-            return render(engine, req, grammar=grammar, split_reasoning=split, want_text=True)
+            return render(engine, req, constraint=constraint, split_reasoning=split, want_text=True)
 
         return await self.on_model(req.model, run, keep_alive=req.keep_alive)
 
@@ -929,15 +968,28 @@ def apply_key_cap(req: GenerateRequest) -> GenerateRequest:
     return req
 
 
-def constraint_grammar(req: GenerateRequest) -> str | None:
-    """The GBNF that enforces the requested output format (checked before anything loads)."""
+@dataclass(frozen=True)
+class Constraint:
+    """The grammar a reply must follow, the request field it came from, and the schema the
+    finished reply is still checked against (where the grammar holds it only in part)."""
+
+    grammar: str
+    param: str
+    check: SchemaCheck | None = None
+
+
+def constraint_grammar(req: GenerateRequest) -> Constraint | None:
+    """The GBNF that enforces the requested output format (checked before anything loads).
+    Blocking (a large schema takes a while): run it in a worker thread."""
     if req.grammar is not None:
         if not req.grammar.strip():
             raise InvalidRequest("grammar is empty.", param="grammar")
-        return req.grammar
+        check_grammar(req.grammar, param="grammar")
+        return Constraint(req.grammar, "grammar")
     if not req.json_mode:
         return None
-    return json_grammar(req.json_schema)
+    grammar, check = json_constraint(req.json_schema, param="response_format")
+    return Constraint(grammar, "response_format", check)
 
 
 def has_tool_history(messages: list[dict[str, Any]]) -> bool:
@@ -1005,7 +1057,7 @@ def render(
     engine: Engine,
     req: GenerateRequest,
     *,
-    grammar: str | None = None,
+    constraint: Constraint | None = None,
     split_reasoning: bool = False,
     want_text: bool = False,
 ) -> Prompt:
@@ -1016,7 +1068,14 @@ def render(
         out = [engine.tokenize(p, add_special=True, special=req.raw) for p in req.prompts]
         if any(not p for p in out):
             raise InvalidRequest("prompt is empty.", param="prompt")
-        return Prompt(out, grammar)
+        if constraint is None:
+            return Prompt(out)
+        return Prompt(
+            out, constraint.grammar, grammar_param=constraint.param, content_check=constraint.check
+        )
+    grammar = constraint.grammar if constraint is not None else None
+    param = constraint.param if constraint is not None else "grammar"
+    content_check = constraint.check if constraint is not None else None
     template = engine.chat_template
     messages = req.messages
     # A JSON or tool-call grammar holds the reply to its shape from the first token: no room to
@@ -1037,7 +1096,7 @@ def render(
                     "holds the reply to a tool call; give one of them.",
                     param="grammar",
                 )
-            grammar = plan.grammar
+            grammar, param = plan.grammar, "tools"
             held = True
         if plan.parse_format is None:
             plan = None  # nothing to parse: the reply is plain text
@@ -1059,6 +1118,8 @@ def render(
         [tokens],
         grammar,
         plan,
+        grammar_param=param,
+        content_check=content_check,
         split_reasoning=split,
         starts_thinking=split and text is not None and prompt_opens_thinking(text),
         preserved_tokens=preserved_tokens(engine, markers),
@@ -1093,6 +1154,7 @@ def build_requests(engine: Engine, req: GenerateRequest, prompt: Prompt) -> list
                     sampling=req.sampling.params(i),
                     stop=[s for s in req.stop if s],
                     grammar=prompt.grammar,
+                    grammar_param=prompt.grammar_param,
                     logit_bias=dict(req.logit_bias),
                     ignore_eos=req.ignore_eos,
                     label=req.label,

@@ -25,12 +25,15 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 from server.chat_template import ChatTemplate
 from server.errors import InvalidRequest
 from server.toolcall_parsers import ToolCallParser, new_call_id, tool_call_parser
+
+if TYPE_CHECKING:
+    from server.grammar import SchemaCheck
 
 ToolFormat = Literal["hermes", "llama3", "mistral", "generic"]
 FORMAT_MARKERS: dict[ToolFormat, tuple[str, ...]] = {
@@ -527,6 +530,8 @@ class ToolCallPlan:
     grammar: str | None
     system_text: str | None
     system_role: bool = True
+    # Tools whose arguments the grammar holds only in part: their calls are checked.
+    checks: Mapping[str, SchemaCheck] = field(default_factory=dict)
 
     @property
     def markers(self) -> tuple[str, ...]:
@@ -567,24 +572,25 @@ def plan_tool_calls(
 ) -> ToolCallPlan:
     """Decide how to ask `template`'s model for calls (None: a template that is not Jinja,
     such as llama.cpp's built-in ones, which know no tools)."""
-    from server.grammar import tool_call_grammar
+    from server.grammar import tool_call_constraint
 
     caps = template.caps if template is not None else None
     fmt = detect_tool_format(template.source if template is not None else None)
     native = bool(caps and caps.tools and fmt != "generic")
     parse_format: ToolFormat | None = "generic"
     grammar: str | None = None
+    checks: dict[str, SchemaCheck] = {}
     system_text: str | None = None
     if not tools or choice.mode == "none":
         parse_format, native = None, False
     elif choice.mode in ("required", "function"):
-        grammar = tool_call_grammar(tools, choice, parallel)
+        grammar, checks = tool_call_constraint(tools, choice, parallel)
         if not native:
             system_text = generic_tool_prompt(tools, choice, parallel)
     elif native:
         parse_format = fmt
     else:
-        grammar = tool_call_grammar(tools, choice, parallel)
+        grammar, checks = tool_call_constraint(tools, choice, parallel)
         system_text = generic_tool_prompt(tools, choice, parallel)
     return ToolCallPlan(
         tools=tuple(tools),
@@ -597,4 +603,5 @@ def plan_tool_calls(
         grammar=grammar,
         system_text=system_text,
         system_role=caps.system_role if caps else True,
+        checks=checks,
     )

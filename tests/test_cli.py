@@ -248,3 +248,32 @@ def test_serving_line_comes_only_once_it_accepts_connections_and_handles_sighup(
             srv.proc.send_signal(signal.SIGHUP)
             assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
             assert srv.proc.poll() is None
+
+
+def test_a_native_crash_exits_non_zero_with_every_threads_stack() -> None:
+    """A SIGSEGV (what a model library's crash raises) is not silent: faulthandler writes
+    the Python stack of each thread to the log (stderr under --no-ui), and the exit status is
+    the signal's."""
+    proc = subprocess.Popen(
+        [*LMX, "--no-ui", "--port", "0", "--ctx", "2048"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    serving_url(proc.stdout)
+    proc.send_signal(signal.SIGSEGV)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=30) == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in rest
+    assert "most recent call first" in rest and "server/cli.py" in rest, rest[-2000:]
+
+
+def test_an_app_that_crashed_exits_non_zero() -> None:
+    """The terminal app's crash (Textual prints the traceback) is a failure to the shell."""
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([], run_app=lambda config, serve: 1)
+    assert e.value.code == 1
+    main([], run_app=lambda config, serve: 0)  # a normal quit returns

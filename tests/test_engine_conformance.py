@@ -255,7 +255,12 @@ def test_bad_requests_are_refused_at_submit(engine: Engine) -> None:
     assert e.value.param == "logit_bias"
     with pytest.raises(InvalidRequest) as e:
         engine.submit(GenerationRequest(p, 4, grammar="root ::= ("), lambda ev: None)
-    assert e.value.param == "response_format"
+    assert e.value.param == "grammar"
+    # The error names the field the grammar was made from.
+    with pytest.raises(InvalidRequest) as e:
+        bad = GenerationRequest(p, 4, grammar="root ::= (", grammar_param="tools")
+        engine.submit(bad, lambda ev: None)
+    assert e.value.param == "tools"
 
 
 def test_logit_bias_steers_the_next_token(engine: Engine) -> None:

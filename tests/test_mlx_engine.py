@@ -304,7 +304,10 @@ def test_grammar_without_llguidance_is_a_clear_400(
     eng.load()
     try:
         with pytest.raises(InvalidRequest, match="llguidance") as e:
-            eng.submit(GenerationRequest([1, 2], 4, grammar=json_grammar(None)), lambda ev: None)
+            req = GenerationRequest(
+                [1, 2], 4, grammar=json_grammar(None), grammar_param="response_format"
+            )
+            eng.submit(req, lambda ev: None)
         assert e.value.status == 400 and e.value.param == "response_format"
     finally:
         eng.close()

@@ -23,7 +23,7 @@ from msgspec import Meta
 from server.api.errors import handlers
 from server.api.schemas import PositiveInt, Probability, TopK
 from server.chat_output import ChatOutput
-from server.errors import EngineFailure, InvalidRequest
+from server.errors import InvalidRequest
 from server.pipeline import (
     CallDelta,
     CallEnd,
@@ -336,8 +336,8 @@ class AnthropicController(Controller):
         if data.stream:
             return ServerSentEvent(_stream(run, mid, show_thinking), headers=SSE_HEADERS)
         result = await run.result()
-        if run.error:
-            raise EngineFailure(run.error)
+        if (failure := run.failure) is not None:
+            raise failure
         reason, sequence = stop_reason(
             Done(0, result.finished[0], len(result.outputs[0].tool_calls))
         )

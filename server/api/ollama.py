@@ -462,8 +462,8 @@ class OllamaController(Controller):
         if streaming:
             return Stream(_ndjson(run, model, piece, show_thinking), media_type=NDJSON)
         result = await run.result()
-        if run.error:
-            raise EngineFailure(run.error)
+        if (failure := run.failure) is not None:
+            raise failure
         reply = result.outputs[0]
         calls = [
             _call(CallEnd(0, k, c.id, c.name, c.arguments)) for k, c in enumerate(reply.tool_calls)

@@ -32,7 +32,7 @@ from server.api.schemas import (
 from server.chat_output import ChatOutput
 from server.discovery import ModelInfo
 from server.engines.base import Finished
-from server.errors import EngineFailure, InvalidRequest
+from server.errors import InvalidRequest
 from server.pipeline import (
     CallDelta,
     CallStart,
@@ -292,8 +292,8 @@ class OpenAIController(Controller):
                 _chat_stream(run, cid, created, include_usage), headers=SSE_HEADERS
             )
         result = await run.result()
-        if run.error:
-            raise EngineFailure(run.error)
+        if (failure := run.failure) is not None:
+            raise failure
         return Response(
             {
                 "id": cid,
@@ -339,8 +339,8 @@ class OpenAIController(Controller):
                 _text_stream(run, cid, created, include_usage, echo), headers=SSE_HEADERS
             )
         result = await run.result()
-        if run.error:
-            raise EngineFailure(run.error)
+        if (failure := run.failure) is not None:
+            raise failure
         return Response(
             {
                 "id": cid,

@@ -28,7 +28,7 @@ from server.api.errors import OPENAI_ERRORS
 from server.api.openai import SSE_HEADERS, keep_alive_value
 from server.api.schemas import PositiveInt, Probability, Temperature
 from server.chat_output import ChatOutput, ToolCall
-from server.errors import EngineFailure, InvalidRequest, NotFound
+from server.errors import InvalidRequest, NotFound
 from server.pipeline import (
     CallDelta,
     CallEnd,
@@ -423,8 +423,8 @@ class ResponsesController(Controller):
         if data.stream:
             return ServerSentEvent(_stream(run, builder, keep), headers=SSE_HEADERS)
         result = await run.result()
-        if run.error:
-            raise EngineFailure(run.error)
+        if (failure := run.failure) is not None:
+            raise failure
         out = result.outputs[0]
         status, extra = _ending(Done(0, result.finished[0]))
         builder.output = output_items(out, status)

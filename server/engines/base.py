@@ -64,6 +64,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     grammar: str | None = None
+    grammar_param: str = "grammar"  # the request field the grammar came from (for errors)
     logit_bias: dict[int, float] = field(default_factory=dict)
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks, tests)
     label: str = ""  # who asked (api, tui, cli): shown in logs and the requests pane

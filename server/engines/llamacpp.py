@@ -422,7 +422,8 @@ class LlamaCppEngine:
             if not g:
                 llama_cpp.llama_sampler_free(chain)
                 raise InvalidRequest(
-                    "The grammar for this response_format is invalid.", param="response_format"
+                    f"llama.cpp could not parse the grammar made from {req.grammar_param}.",
+                    param=req.grammar_param,
                 )
             add(chain, g)
         if sp.temperature <= 0:

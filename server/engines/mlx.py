@@ -305,7 +305,7 @@ class MlxEngine:
         gen = Generation(request, sink)
         job = _Job(gen=gen, queued_at=time.perf_counter())
         if request.grammar is not None:
-            job.grammar = self._compile_grammar(request.grammar)
+            job.grammar = self._compile_grammar(request.grammar, request.grammar_param)
         with self._cond:
             if self._closing or self.failure is not None or self._thread is None:
                 raise EngineFailure(f"{self.info.id} is not loaded")
@@ -320,13 +320,13 @@ class MlxEngine:
             self._cond.notify()
         return gen
 
-    def _compile_grammar(self, gbnf: str) -> Any:
+    def _compile_grammar(self, gbnf: str, param: str) -> Any:
         if not self.supports_grammar:
             raise InvalidRequest(
                 f"'{self.info.id}' runs on MLX, which cannot enforce response_format (or a "
                 "tool choice) without the llguidance package; install opta-lmx[mlx] or use "
                 "a GGUF model.",
-                param="response_format",
+                param=param,
             )
         import llguidance
         from llguidance.gbnf_to_lark import gbnf_to_lark
@@ -335,13 +335,13 @@ class MlxEngine:
             grammar = llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(gbnf))
         except Exception as e:
             raise InvalidRequest(
-                f"The grammar for this response_format is invalid: {e}", param="response_format"
+                f"The grammar made from {param} is invalid: {e}", param=param
             ) from e
         matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar)
         if matcher.is_error():
             raise InvalidRequest(
-                f"The grammar for this response_format is invalid: {matcher.get_error()}",
-                param="response_format",
+                f"The grammar made from {param} is invalid: {matcher.get_error()}",
+                param=param,
             )
         return matcher
 
