@@ -29,10 +29,8 @@ from lmx_tui.widgets.hub import HubPane, PulledPrompt
 from lmx_tui.widgets.load_prompt import LoadPrompt
 from lmx_tui.widgets.models import ModelBrowser
 from lmx_tui.widgets.requests import RequestDetailScreen, RequestsPane
-from server import hub
 from server.errors import LmxError
 from server.events import LmxEvent
-from server.load_preview import apply_option, hub_repo, preview_load
 from server.runner import PortInUse, ServerThread
 from server.runtime import Runtime
 from server.settings import ConfigStore, state_dir
@@ -195,16 +193,14 @@ class LmxApp(App[None]):
     # ----- state down ----------------------------------------------------------------------
 
     def refresh_models(self) -> None:
-        sched = self.rt.scheduler
-        models = self.rt.catalog.models()
+        models = self.rt.models.models()
+        described = {d["id"]: d for d in self.rt.models.describe_all()}
         states = {m.id: self._state(m.id) for m in models}
-        memory: dict[str, tuple[int, bool]] = {}
-        for m in models:
-            if m.usable:
-                lm = sched.get(m.id)
-                est = lm.estimate if lm else sched.estimate_for(m)
-                fits = lm is not None or sched.plan(est, exclude=m.id).fits
-                memory[m.id] = (est.total, fits)
+        memory: dict[str, tuple[int, bool]] = {
+            i: (d["memory_estimate"]["total"], d["fits"])
+            for i, d in described.items()
+            if "memory_estimate" in d
+        }
         self.query_one(ModelBrowser).show(models, states, memory)
         self.query_one(ChatPane).set_models([m.id for m in models if m.usable])
 
@@ -291,32 +287,21 @@ class LmxApp(App[None]):
         self.run_worker(self._ask_load(model_id), group="models")
 
     async def _ask_load(self, model_id: str) -> None:
-        sched = self.rt.scheduler
+        models = self.rt.models
         try:
-            info = self.rt.catalog.resolve(model_id)
-            preview = await asyncio.to_thread(preview_load, sched, info)
+            preview, note = await asyncio.to_thread(models.preview, model_id, ask_hub=True)
         except LmxError as e:
             self.notify(e.message, severity="error")
             return
         if preview.loaded:
             self.notify(f"{model_id} is already loaded")
             return
-        note = ""
-        repo = hub_repo(info)
-        if not preview.fits_alone and repo:
-            try:
-                listing = await asyncio.to_thread(hub.listing, repo, sched.budget)
-                preview = await asyncio.to_thread(
-                    preview_load, sched, info, None, None, listing["files"]
-                )
-            except LmxError as e:
-                note = f"(the hub was not asked for smaller quantizations: {e.message})"
         if preview.fits and not preview.victims:
             await self._load(model_id)
             return
         sizes = {}
         for other in (*preview.victims, *preview.blocked_by):
-            lm = sched.get(other)
+            lm = self.rt.scheduler.get(other)
             sizes[other] = lm.estimate.total if lm else 0
         choice = await self.push_screen_wait(LoadPrompt(preview, sizes, note))
         if choice == "load":
@@ -326,14 +311,13 @@ class LmxApp(App[None]):
             if option.kind == "quantization" and option.repo and option.file:
                 await self._pull(option.repo, option.file)
                 return
-            apply_option(self.rt.config, model_id, option)
+            models.apply_option(model_id, option)
             self.notify(f"{model_id}: ctx {option.ctx}, {option.parallel} slot(s) from now on")
             await self._ask_load(model_id)
 
     async def _load(self, model_id: str) -> None:
         try:
-            info = self.rt.catalog.resolve(model_id)
-            lm = await asyncio.to_thread(self.rt.scheduler.load, info)
+            lm = await asyncio.to_thread(self.rt.models.load, model_id)
         except LmxError as e:
             self.notify(e.message, severity="error")
             return
@@ -343,7 +327,7 @@ class LmxApp(App[None]):
         self.run_worker(self._unload(message.model_id), group="models")
 
     async def _unload(self, model_id: str) -> None:
-        if await asyncio.to_thread(self.rt.scheduler.unload, model_id):
+        if await asyncio.to_thread(self.rt.models.unload, model_id):
             self.notify(f"unloaded {model_id}")
         else:
             self.notify(f"{model_id} is not loaded", severity="warning")
@@ -353,7 +337,7 @@ class LmxApp(App[None]):
 
     async def _pull(self, repo: str, file: str) -> None:
         try:
-            jobs = await asyncio.to_thread(self.rt.pull, repo, None, file)
+            jobs = await asyncio.to_thread(self.rt.models.pull, repo, None, file)
         except LmxError as e:
             self.notify(e.message, severity="error")
             return
@@ -369,8 +353,8 @@ class LmxApp(App[None]):
         self.query_one(DownloadsPane).show(queue.list())
 
     def on_model_browser_pin(self, message: ModelBrowser.Pin) -> None:
-        pinned = self.rt.scheduler.is_pinned(message.model_id)
-        self.rt.scheduler.pin(message.model_id, not pinned)
+        pinned = self.rt.models.is_pinned(message.model_id)
+        self.rt.models.pin(message.model_id, not pinned)
         self.notify(f"{'unpinned' if pinned else 'pinned'} {message.model_id}")
         self.refresh_models()
 

@@ -258,14 +258,13 @@ def cmd_ls(
             budget = listing["budget_bytes"]
             budgets = listing.get("budgets") or {"ram": budget}
     else:
-        from server.api.admin import describe_model
         from server.runtime import Runtime
 
         rt = Runtime(settings)
         try:
-            models = [describe_model(rt, m) for m in rt.catalog.models()]
-            budget = rt.scheduler.budget
-            budgets = rt.scheduler.budgets()
+            models = rt.models.describe_all()
+            memory = rt.models.memory()
+            budget, budgets = memory["budget_bytes"], memory["budgets"]
         finally:
             rt.close()
     if as_json:
@@ -551,7 +550,7 @@ def cmd_pull(config: ConfigStore, args: argparse.Namespace) -> None:
 
     rt = Runtime(config)
     try:
-        pulled = rt.pull(repo, quant or None, args.file)
+        pulled = rt.models.pull(repo, quant or None, args.file)
         while True:
             _progress(repo, [j.as_dict() for j in pulled])
             active = [j for j in pulled if j.state in ("queued", "running")]
@@ -580,7 +579,7 @@ def cmd_rm(config: ConfigStore, model: str) -> None:
 
     rt = Runtime(config)
     try:
-        print(f"removed {rt.remove(model)}")
+        print(f"removed {rt.models.remove(model)}")
     finally:
         rt.close()
 

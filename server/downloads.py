@@ -138,16 +138,15 @@ class DownloadQueue:
     # ----- requests ------------------------------------------------------------------------
 
     def add(self, repo: str, filename: str, sha256: str, size: int, commit: str) -> Download:
-        """Queue a file; the same file asked for twice is fetched once."""
+        """Queue a file; the same file asked for twice is fetched once. A finished job counts
+        only while its file is still there (`lmx rm` then `lmx pull` fetches it again)."""
         with self._cond:
             for d in self._jobs.values():
-                if (
-                    d.repo == repo
-                    and d.filename == filename
-                    and d.sha256 == sha256
-                    and (d.state in ACTIVE or d.state == "done")
-                ):
-                    return d
+                if d.repo == repo and d.filename == filename and d.sha256 == sha256:
+                    if d.state in ACTIVE:
+                        return d
+                    if d.state == "done" and self.snapshot_path(d).exists():
+                        return d
             d = Download(uuid.uuid4().hex[:12], repo, filename, sha256, size, commit)
             self._jobs[d.id] = d
             self._save()

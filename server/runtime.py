@@ -1,24 +1,22 @@
 """Everything a running lmx holds, wired together once: config, catalog, scheduler, the
-generation service, downloads, the request log and the event bus. The HTTP app, the TUI and
-the CLI all take a Runtime; each part can also be built alone (tests do)."""
+generation service (the data plane), the model service (the control plane), downloads, the
+request log and the event bus. Each part can also be built alone (tests do)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 from server.catalog import Catalog
 from server.downloads import Download, DownloadQueue
 from server.engines import EngineFactory, create_engine
 from server.engines.prefix_store import PrefixStore
-from server.errors import InvalidRequest
 from server.events import EventBus
 from server.gpus import GpuInventory
 from server.keys import KeyStore
 from server.memory import default_budget, prompt_cache_ram
+from server.models import ModelService
 from server.pipeline import GenerationService
 from server.scheduler import Clock, Scheduler
 from server.settings import (
@@ -36,7 +34,8 @@ log = logging.getLogger(__name__)
 
 
 class Runtime:
-    """The one in-process model registry the API server, the TUI and the CLI share."""
+    """The process's parts, built and closed together; the API server, the TUI and the CLI
+    share one."""
 
     def __init__(
         self,
@@ -76,6 +75,9 @@ class Runtime:
         )
         self.catalog.in_use = lambda model_id: self.scheduler.get(model_id) is not None
         self.service = GenerationService(self.catalog, self.scheduler, self.requests)
+        self.models = ModelService(
+            self.config, self.catalog, self.scheduler, self.events, lambda: self.downloads
+        )
         self._downloads: DownloadQueue | None = None
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -105,58 +107,6 @@ class Runtime:
 
     def _installed(self, d: Download) -> None:
         self.catalog.refresh()  # verified and in place: a model before the job says done
-
-    def pull(self, repo: str, quant: str | None = None, file: str | None = None) -> list[Download]:
-        """Queue every file of the model `repo[:quant]` or `file` names (the recommended
-        quantization when neither is given)."""
-        from server import hub
-
-        listing = hub.listing(repo, self.scheduler.budget)
-        try:
-            choice = hub.pick(listing, quant, file)
-        except ValueError as e:
-            raise InvalidRequest(str(e), param="quant" if quant else "file") from e
-        missing = [f for f in choice.files if f not in choice.sha256]
-        if missing:
-            raise InvalidRequest(
-                f"the hub gives no sha256 for {missing[0]}; lmx only installs files it can verify",
-                param="file",
-            )
-        return [
-            self.downloads.add(repo, f, choice.sha256[f], choice.sizes[f], listing["commit"])
-            for f in choice.files
-        ]
-
-    def remove(self, name: str) -> Path:
-        """Delete a model lmx manages (the Hugging Face cache): its snapshot link and blob."""
-        info = self.catalog.resolve(name)
-        if info.source != "hf-cache":
-            raise InvalidRequest(
-                f"'{info.id}' is used in place from {info.source} ({info.path}); lmx only "
-                "removes models in the Hugging Face cache. Delete the file yourself.",
-                param="model",
-            )
-        self.scheduler.unload(info.id)
-        link = info.path
-        # A GGUF is one link into the blobs; an MLX model a snapshot folder of them.
-        links = [p for p in link.iterdir() if p.is_symlink()] if link.is_dir() else [link]
-        blobs = {p.resolve() for p in links}
-        for p in links:
-            p.unlink(missing_ok=True)
-        if link.is_dir():
-            with contextlib.suppress(OSError):  # files of its own or other models: it stays
-                link.rmdir()
-        repo_dir = link
-        while repo_dir.parent.name != "snapshots" and repo_dir != repo_dir.parent:
-            repo_dir = repo_dir.parent
-        blobs_dir = repo_dir.parent.parent / "blobs"
-        used = {p.resolve() for p in repo_dir.parent.parent.rglob("*") if p.is_symlink()}
-        for blob in blobs:
-            if blob.parent == blobs_dir and blob not in used:
-                blob.unlink(missing_ok=True)
-        self.catalog.refresh()
-        self.events.publish("removed", info.id, path=str(link))
-        return link
 
     # ----- config --------------------------------------------------------------------------
 

@@ -163,6 +163,11 @@ def test_cli_search_pull_ls_rm(hub: FakeHub, tmp_path: Path) -> None:
     assert model in ls.stdout and "hf-cache" in ls.stdout
     assert lmx("rm", model, home=tmp_path).returncode == 0
     assert model not in lmx("ls", home=tmp_path).stdout
+    # Pulled again after rm: fetched again (the queue's old `done` job has no file any more).
+    r = lmx("pull", f"{REPO}:Q4_1", home=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == f"pulled {model}", r.stderr
+    assert model in lmx("ls", home=tmp_path).stdout
+    assert lmx("rm", model, home=tmp_path).returncode == 0
     bad = lmx("pull", f"{REPO}:Q9_9", home=tmp_path)
     assert bad.returncode == 2 and "no Q9_9 file; it has: Q4_1" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1

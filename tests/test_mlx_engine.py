@@ -199,7 +199,7 @@ def test_an_mlx_repo_is_removed_from_the_hf_cache_with_its_blobs(
         # A folder's digest covers its files (here known from their blob names).
         digest = rt.catalog.digest(info)
         assert len(digest) == 64 and digest == rt.catalog.digest(info)
-        assert rt.remove(MLX_ID) == snap
+        assert rt.models.remove(MLX_ID) == snap
         assert not snap.exists()
         assert list((snap.parent.parent / "blobs").iterdir()) == []
         assert MLX_ID not in {m.id for m in rt.catalog.models()}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
@@ -22,13 +21,12 @@ from prometheus_client.core import (
 
 from server import hub
 from server.api.errors import OPENAI_ERRORS
-from server.discovery import ModelInfo
 from server.downloads import Download
 from server.engines.prefix_store import PrefixStoreStats
 from server.errors import LmxError, NotFound
 from server.events import LmxEvent
-from server.load_preview import hub_repo, preview_load
 from server.memory import process_rss
+from server.models import ModelService
 from server.runtime import Runtime
 from server.telemetry import RequestRecord, SystemSampler
 
@@ -37,62 +35,6 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def _sse(event: str, data: Any) -> ServerSentEventMessage:
     return ServerSentEventMessage(data=msgspec.json.encode(data).decode(), event=event)
-
-
-def describe_model(rt: Runtime, info: ModelInfo) -> dict[str, Any]:
-    """One model as the admin API, `lmx ls --estimate`, `lmx ps` and the TUI see it."""
-    sched = rt.scheduler
-    out = info.describe()
-    lm = sched.get(info.id)
-    out["state"] = sched.state_of(info.id)
-    out["pinned"] = sched.is_pinned(info.id)
-    out["template_error"] = rt.catalog.broken(info.id)
-    group = rt.catalog.group_of(info.id)
-    out["group"] = group[0] if group else None
-    if info.usable:
-        est = lm.estimate if lm is not None else sched.estimate_for(info)
-        plan = sched.plan(est, exclude=info.id)
-        out["memory_estimate"] = est.as_dict()
-        out["fits"] = lm is not None or plan.fits
-        out["fits_alone"] = sched.fits_alone(est)
-        out["would_evict"] = plan.victims if lm is None else []
-    if lm is not None and lm.engine is not None:
-        st = lm.engine.stats()
-        out.update(
-            {
-                "memory_measured": lm.measured,
-                "expires_in": lm.expires_in(),
-                "in_use": lm.leases,
-                "ctx": lm.options.n_ctx,
-                "slots": st["slots"],
-                "slots_busy": st["slots_busy"],
-                "queue_depth": st["queue_depth"],
-                "load_seconds": round(lm.load_seconds, 3),
-            }
-        )
-        if st["slots_busy"]:
-            out["state"] = "busy"
-    return out
-
-
-def describe_gpus(rt: Runtime) -> dict[str, Any]:
-    """The NVIDIA GPUs NVML sees, whether llama.cpp here can use them, and why not."""
-    sched = rt.scheduler
-    gpus = sched.gpus.gpus()
-    offload = bool(gpus) and sched.offload_supported()
-    note = sched.gpus.note
-    if gpus and not offload:
-        note = "llama.cpp here was built without GPU offload: models stay in RAM"
-    return {"gpus": [g.as_dict() for g in gpus], "offload": offload, "note": note or None}
-
-
-def used_by_device(rt: Runtime) -> dict[str, int]:
-    """What the loaded models take of each device's budget, by estimate."""
-    used: dict[str, int] = {}
-    for lm in rt.scheduler.loaded():
-        for d, b in lm.estimate.by_device().items():
-            used[d] = used.get(d, 0) + b
-    return used
 
 
 class AdminController(Controller):
@@ -104,42 +46,36 @@ class AdminController(Controller):
     opt = {"scope": "admin"}  # noqa: RUF012
 
     @get("/models")
-    async def models(self, rt: NamedDependency[Runtime]) -> dict[str, Any]:
-        sched = rt.scheduler
+    async def models(
+        self, rt: NamedDependency[Runtime], models: NamedDependency[ModelService]
+    ) -> dict[str, Any]:
         return {
-            "budget_bytes": sched.budget,
-            "used_bytes": sum(lm.estimate.total for lm in sched.loaded()),
-            "budgets": sched.budgets(),
-            "used": used_by_device(rt),
-            **describe_gpus(rt),
+            **models.memory(),
             # Off the event loop: the store's lock is held while it spills states to disk.
             "prompt_cache": (await asyncio.to_thread(rt.prefix_store.stats)).as_dict(),
-            "models": [describe_model(rt, m) for m in rt.catalog.models()],
+            "models": await asyncio.to_thread(models.describe_all),
         }
 
     @get("/estimate")
     async def estimate(
         self,
         rt: NamedDependency[Runtime],
+        models: NamedDependency[ModelService],
         model: FromQuery[str],
         ctx: Annotated[int | None, Parameter(ge=64, le=1_048_576)] = None,
         parallel: Annotated[int | None, Parameter(ge=1, le=64)] = None,
         hub_files: Annotated[bool, QueryParameter(name="hub")] = False,
     ) -> dict[str, Any]:
-        sched = rt.scheduler
-        info = rt.catalog.resolve(model)
-        files = None
-        repo = hub_repo(info)
-        if hub_files and repo and info.usable and not (ctx or parallel):
-            with contextlib.suppress(LmxError):  # no hub: the ctx and slot options remain
-                files = (await asyncio.to_thread(hub.listing, repo, sched.budget))["files"]
-        preview = preview_load(sched, info, ctx, parallel, files)
-        lm = sched.get(info.id)
+        preview, _note = await asyncio.to_thread(
+            models.preview, model, ctx, parallel, ask_hub=hub_files
+        )
+        memory = models.memory()
+        lm = rt.scheduler.get(preview.model)
         return {
             **preview.as_dict(),
-            "budget_bytes": sched.budget,
+            "budget_bytes": memory["budget_bytes"],
             "budgets": preview.budgets,
-            **describe_gpus(rt),
+            **{k: memory[k] for k in ("gpus", "offload", "note")},
             "measured_bytes": lm.measured if lm else None,
             # What the cache holds gives way to a model that needs the room (never refused).
             "prompt_cache": (await asyncio.to_thread(rt.prefix_store.stats)).as_dict(),
@@ -176,15 +112,15 @@ class AdminController(Controller):
         return {"id": request_id, "cancelled": True}
 
     @post("/models/{model_id:str}/load", status_code=200)
-    async def load(self, rt: NamedDependency[Runtime], model_id: FromPath[str]) -> ServerSentEvent:
-        info = rt.catalog.resolve(model_id)  # unknown names fail here, as a plain 404
+    async def load(
+        self, models: NamedDependency[ModelService], model_id: FromPath[str]
+    ) -> ServerSentEvent:
+        info = models.resolve(model_id)  # unknown names fail here, as a plain 404
 
         async def events() -> AsyncIterator[ServerSentEventMessage]:
-            yield _sse(
-                "loading", {"model": info.id, "estimate": rt.scheduler.estimate_for(info).as_dict()}
-            )
+            yield _sse("loading", {"model": info.id, "estimate": models.estimate(info)})
             try:
-                lm = await asyncio.to_thread(rt.scheduler.load, info)
+                lm = await asyncio.to_thread(models.load, info.id)
             except LmxError as e:
                 yield _sse("error", {"model": info.id, "error": e.message, "status": e.status})
                 return
@@ -201,27 +137,31 @@ class AdminController(Controller):
         return ServerSentEvent(events(), headers=SSE_HEADERS)
 
     @post("/models/{model_id:str}/unload", status_code=200)
-    async def unload(self, rt: NamedDependency[Runtime], model_id: FromPath[str]) -> dict[str, Any]:
-        info = rt.catalog.resolve(model_id)
-        done = await asyncio.to_thread(rt.scheduler.unload, info.id)
+    async def unload(
+        self, models: NamedDependency[ModelService], model_id: FromPath[str]
+    ) -> dict[str, Any]:
+        info = models.resolve(model_id)
+        done = await asyncio.to_thread(models.unload, info.id)
         return {"model": info.id, "unloaded": done}
 
     @delete("/models/{model_id:str}", status_code=200)
-    async def remove(self, rt: NamedDependency[Runtime], model_id: FromPath[str]) -> dict[str, Any]:
-        path = await asyncio.to_thread(rt.remove, model_id)
+    async def remove(
+        self, models: NamedDependency[ModelService], model_id: FromPath[str]
+    ) -> dict[str, Any]:
+        path = await asyncio.to_thread(models.remove, model_id)
         return {"removed": str(path)}
 
     @post("/models/{model_id:str}/pin", status_code=200)
-    async def pin(self, rt: NamedDependency[Runtime], model_id: FromPath[str]) -> dict[str, Any]:
-        info = rt.catalog.resolve(model_id)
-        rt.scheduler.pin(info.id, True)
-        return {"model": info.id, "pinned": True}
+    async def pin(
+        self, models: NamedDependency[ModelService], model_id: FromPath[str]
+    ) -> dict[str, Any]:
+        return {"model": models.pin(model_id, True), "pinned": True}
 
     @post("/models/{model_id:str}/unpin", status_code=200)
-    async def unpin(self, rt: NamedDependency[Runtime], model_id: FromPath[str]) -> dict[str, Any]:
-        info = rt.catalog.resolve(model_id)
-        rt.scheduler.pin(info.id, False)
-        return {"model": info.id, "pinned": False}
+    async def unpin(
+        self, models: NamedDependency[ModelService], model_id: FromPath[str]
+    ) -> dict[str, Any]:
+        return {"model": models.pin(model_id, False), "pinned": False}
 
     @post("/rescan", status_code=200)
     async def rescan(self, rt: NamedDependency[Runtime]) -> dict[str, Any]:
@@ -249,9 +189,9 @@ class AdminController(Controller):
 
     @post("/downloads", status_code=200)
     async def add_download(
-        self, rt: NamedDependency[Runtime], data: JSONBody[DownloadBody]
+        self, models: NamedDependency[ModelService], data: JSONBody[DownloadBody]
     ) -> dict[str, Any]:
-        jobs = await asyncio.to_thread(rt.pull, data.repo, data.quant, data.file)
+        jobs = await asyncio.to_thread(models.pull, data.repo, data.quant, data.file)
         return {"downloads": [j.as_dict() for j in jobs]}
 
     @get("/downloads")

@@ -79,7 +79,11 @@ def create_app(rt: Runtime) -> Litestar:
             AdminController,
             metrics_handler(rt),
         ],
-        dependencies={"rt": Provide(lambda: rt, use_cache=True, sync_to_thread=False)},
+        dependencies={
+            "rt": Provide(lambda: rt, use_cache=True, sync_to_thread=False),
+            # The control plane, for handlers that manage models and need nothing else.
+            "models": Provide(lambda: rt.models, use_cache=True, sync_to_thread=False),
+        },
         guards=[key_guard(rt)],
         cors_config=cors_config(rt.settings.cors_origins),
         # Routes no controller matched (404, 405) answer in OpenAI's shape.

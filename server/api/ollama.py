@@ -421,7 +421,7 @@ class OllamaController(Controller):
         """Ollama's empty prompt loads a model (keep_alive 0: unloads it)."""
         if ka == 0:
             info = rt.catalog.target(model).info
-            await asyncio.to_thread(rt.scheduler.unload, info.id)
+            await asyncio.to_thread(rt.models.unload, info.id)
             reason = "unload"
         else:
             lease = await rt.service.load(model, ka)
@@ -500,7 +500,7 @@ class OllamaController(Controller):
 
     @delete("/delete", status_code=200, opt={"scope": "admin"})
     async def delete_(self, rt: NamedDependency[Runtime], data: JSONBody[ModelBody]) -> None:
-        await asyncio.to_thread(rt.remove, data.which)
+        await asyncio.to_thread(rt.models.remove, data.which)
 
     @post("/pull", status_code=200, opt={"scope": "admin"})
     async def pull(self, rt: NamedDependency[Runtime], data: JSONBody[PullBody]) -> Response[Any]:
@@ -511,7 +511,7 @@ class OllamaController(Controller):
                 f"lmx pulls GGUF repositories from the Hugging Face hub: use "
                 f"hf.co/ORG/REPO[:QUANT], not {name!r}"
             )
-        jobs = await asyncio.to_thread(rt.pull, repo, quant or None, None)
+        jobs = await asyncio.to_thread(rt.models.pull, repo, quant or None, None)
         if not data.stream:
             for j in jobs:
                 await asyncio.to_thread(rt.downloads.wait, j.id)
