@@ -448,20 +448,66 @@ def cmd_run(config: ConfigStore, args: argparse.Namespace) -> None:
             "messages": messages,
             "max_tokens": args.max_tokens,
             "temperature": args.temperature,
+            "stream_options": {"include_usage": True},
         }
         if args.seed is not None:
             body["seed"] = args.seed
+        out = ReplyPrinter()
         with client:
-            for text in client.chat_stream(body):
-                sys.stdout.write(text)
-                sys.stdout.flush()
-        sys.stdout.write("\n")
+            for kind, text in client.chat_stream(body):
+                out.write(kind, text)
+        out.end()
         return
     asyncio.run(_run_here(config, args, messages))
 
 
+class ReplyPrinter:
+    """`lmx run`'s output: the answer on stdout; a reasoning model's thinking on stderr,
+    marked (and dimmed on a terminal), so that a pipe gets the answer alone."""
+
+    def __init__(self) -> None:
+        self.thinking = 0
+        self.tokens: int | None = None  # the reply's length, when known
+        self.answered = False
+        self._in_thinking = False
+        self._dim = sys.stderr.isatty()
+
+    def write(self, kind: str, text: str) -> None:
+        if kind == "usage":
+            self.tokens = int(text)
+            return
+        if kind == "thinking":
+            if not self._in_thinking:
+                sys.stderr.write("\x1b[2m" if self._dim else "")
+                sys.stderr.write("[thinking] ")
+                self._in_thinking = True
+            self.thinking += 1
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            return
+        self._close_thinking()
+        self.answered = True
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def _close_thinking(self) -> None:
+        if self._in_thinking:
+            sys.stderr.write(("\x1b[0m" if self._dim else "") + "\n")
+            sys.stderr.flush()
+            self._in_thinking = False
+
+    def end(self) -> None:
+        self._close_thinking()
+        sys.stdout.write("\n")
+        if self.thinking and not self.answered:
+            sys.stderr.write(
+                f"lmx: no answer: all {self.tokens or self.thinking} tokens went to thinking; "
+                "raise --max-tokens\n"
+            )
+
+
 async def _run_here(config: ConfigStore, args: argparse.Namespace, messages: Any) -> None:
-    from server.pipeline import Delta, GenerateRequest, Sampling
+    from server.pipeline import Delta, Done, GenerateRequest, Reasoning, Sampling
     from server.runtime import Runtime
 
     config.update(parallel=1)  # one prompt: one slot is all the memory it needs
@@ -477,11 +523,15 @@ async def _run_here(config: ConfigStore, args: argparse.Namespace, messages: Any
                 path="lmx run",
             )
         )
+        out = ReplyPrinter()
         async for ev in run.events():
             if isinstance(ev, Delta):
-                sys.stdout.write(ev.text)
-                sys.stdout.flush()
-        sys.stdout.write("\n")
+                out.write("answer", ev.text)
+            elif isinstance(ev, Reasoning):
+                out.write("thinking", ev.text)
+            elif isinstance(ev, Done):
+                out.tokens = (out.tokens or 0) + ev.finished.completion_tokens
+        out.end()
         if run.error:
             raise CliError(run.error)
     finally:

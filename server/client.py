@@ -87,8 +87,9 @@ class LmxClient:
     def models(self) -> list[dict[str, Any]]:
         return list(self.get("/admin/models")["models"])
 
-    def chat_stream(self, body: dict[str, Any]) -> Iterator[str]:
-        """Text deltas of a streamed chat completion."""
+    def chat_stream(self, body: dict[str, Any]) -> Iterator[tuple[str, str]]:
+        """Deltas of a streamed chat completion: ("answer" | "thinking", text), and at the end
+        ("usage", completion tokens) when the server counts them."""
         with self.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
             if r.status_code >= 400:
                 raise ServerError(_error_text(r.read(), r.status_code))
@@ -101,10 +102,15 @@ class LmxClient:
                 chunk = json.loads(data)
                 if "error" in chunk:
                     raise ServerError(str(chunk["error"].get("message", chunk["error"])))
+                usage = chunk.get("usage")
+                if isinstance(usage, dict) and "completion_tokens" in usage:
+                    yield "usage", str(usage["completion_tokens"])
                 for choice in chunk.get("choices", []):
-                    text = choice.get("delta", {}).get("content")
-                    if text:
-                        yield str(text)
+                    delta = choice.get("delta", {})
+                    if delta.get("reasoning_content"):
+                        yield "thinking", str(delta["reasoning_content"])
+                    if delta.get("content"):
+                        yield "answer", str(delta["content"])
 
 
 def _error_text(body: bytes, status: int) -> str:

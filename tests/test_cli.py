@@ -277,3 +277,33 @@ def test_an_app_that_crashed_exits_non_zero() -> None:
         main([], run_app=lambda config, serve: 1)
     assert e.value.code == 1
     main([], run_app=lambda config, serve: 0)  # a normal quit returns
+
+
+def test_run_with_a_thinking_model_says_where_the_tokens_went(
+    tmp_path: Path, smollm2_path: Path
+) -> None:
+    """A template that opens `<think>`: SmolLM2 never closes it, so every token is thinking.
+    `lmx run` prints the thinking on stderr, marked, and says that no answer came (it used to
+    print an empty line)."""
+    from tests.chat_templates import THINKING
+
+    os.link(smollm2_path, tmp_path / "smollm2-think.gguf")
+    config = tmp_path / "lmx.toml"
+    config.write_text(f"[models.\"smollm2-think\"]\nchat_template = '''{THINKING}'''\n")
+    r = lmx(
+        "run",
+        "smollm2-think",
+        "Say hello.",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--config",
+        str(config),
+        "--model-dir",
+        str(tmp_path),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "[thinking] " in r.stderr and r.stderr.split("[thinking] ", 1)[1].strip()
+    assert "no answer: all 12 tokens went to thinking; raise --max-tokens" in r.stderr
+    assert r.stdout == "\n"

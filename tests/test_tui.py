@@ -174,6 +174,41 @@ async def test_chat_with_a_cold_model_shows_its_reply_and_goes_through_the_pipel
         assert rec.completion_tokens > 0
 
 
+async def test_a_reasoning_models_thinking_is_shown_apart_and_the_app_stays_up(
+    tmp_path: Path, smollm2_path: Path
+) -> None:
+    """A model whose template opens `<think>`: every token of SmolLM2's reply is thinking.
+    The chat shows it in a dimmed, collapsible block with its own token count, says that no
+    answer came, and the app keeps running (the reply used to end it with status 0)."""
+    from textual.widgets import Collapsible
+
+    from tests.chat_templates import THINKING
+
+    os.link(smollm2_path, tmp_path / "smollm2-think.gguf")
+    config = tmp_path / "lmx.toml"
+    config.write_text(f"[models.\"smollm2-think\"]\nchat_template = '''{THINKING}'''\n")
+    reg = Runtime(make_config(config, model_dirs=[tmp_path]))
+    app = LmxApp(reg, system_sampler=frozen_system())
+    try:
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.press("f3")
+            chat = app.query_one("#chat-pane")
+            chat.choose("smollm2-think")  # type: ignore[attr-defined]
+            app.query_one("#chat-temp", Input).value = "0"
+            await pilot.press(*"Say hello.", "enter")
+            await until(pilot, lambda: app.query(".thinking"), what=lambda: "no thinking block")
+            await until(pilot, lambda: not chat.busy)  # type: ignore[attr-defined]
+            block = app.query_one(".thinking", Collapsible)
+            assert str(block.title).startswith("thinking · ") and "tokens" in str(block.title)
+            text = str(app.query_one(".thinking-text", Static).render())
+            assert text.strip()
+            answer = [str(w.render()) for w in app.query(".bubble.assistant")][-1]
+            assert "went to thinking" in answer or answer.strip(), answer
+            assert app.is_running and app.return_code in (None, 0)
+    finally:
+        reg.close()
+
+
 async def test_http_requests_show_in_gauges_and_requests_pane(rt: Runtime) -> None:
     server = ServerThread(rt).start()
     app = LmxApp(rt, server=server, system_sampler=frozen_system(), sample_interval=0.1)

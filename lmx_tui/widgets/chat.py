@@ -10,10 +10,10 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Input, Select, Static
+from textual.widgets import Collapsible, Input, Select, Static
 
 from server.errors import LmxError
-from server.pipeline import Delta, Done, GenerateRequest, Sampling
+from server.pipeline import Delta, Done, GenerateRequest, Reasoning, Sampling
 from server.runtime import Runtime
 
 
@@ -111,6 +111,9 @@ class ChatPane(Vertical):
         log.scroll_end(animate=False)
         self.busy = True
         parts: list[str] = []
+        thinking: list[str] = []  # a reasoning model's thinking, shown apart from the answer
+        think: Collapsible | None = None
+        think_text = Static("", classes="thinking-text", markup=False)
         run = None
         try:
             if self.rt.scheduler.get(model) is None:
@@ -146,7 +149,21 @@ class ChatPane(Vertical):
                         f"{ev.finished.reason} · {ev.finished.cached_tokens} cached"
                     )
                     continue
-                assert isinstance(ev, Delta)
+                if isinstance(ev, Reasoning):
+                    if think is None:
+                        think = Collapsible(think_text, title="thinking", classes="thinking")
+                        await log.mount(think, before=answer)
+                    thinking.append(ev.text)
+                    think_text.update("".join(thinking))
+                    think.title = f"thinking · {len(thinking)} tokens"
+                    n += 1
+                    log.scroll_end(animate=False)
+                    status.update(f"{model} · thinking · esc stops")
+                    continue
+                if not isinstance(ev, Delta):
+                    continue  # (tool calls: the chat offers no tools)
+                if think is not None and not parts:
+                    think.collapsed = True  # the answer begins: the thinking folds away
                 parts.append(ev.text)
                 n += 1
                 answer.update("".join(parts))
@@ -162,7 +179,10 @@ class ChatPane(Vertical):
                 await run.aclose()  # a stopped reply frees its slot and is recorded at once
             self.busy = False
             reply = "".join(parts)
-            answer.update(reply or "(no reply)")
+            if not reply and thinking:
+                answer.update(f"(no answer: all {len(thinking)} tokens went to thinking)")
+            else:
+                answer.update(reply or "(no reply)")
             if reply:
                 convo.append({"role": "assistant", "content": reply})
             else:
@@ -172,6 +192,8 @@ class ChatPane(Vertical):
         self.workers.cancel_group(self, "chat")
 
     def action_clear(self) -> None:
+        # A reply still coming would run on unseen to max_tokens: stop it first.
+        self.workers.cancel_group(self, "chat")
         if self.model:
             self.conversations.pop(self.model, None)
         self._redraw()
