@@ -440,3 +440,111 @@ def test_claude_codes_own_tools_stream(lmx: Lmx) -> None:
         kinds = [e.type for e in stream]
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     lmx.assert_alive("Claude Code's tools")
+
+
+# -- found in review: each was silently loose, impossible, or a hang ------------------------
+
+
+def _rules(grammar: str) -> dict[str, str]:
+    return dict(line.split(" ::= ", 1) for line in grammar.splitlines())
+
+
+def test_a_property_called_root_is_not_the_root() -> None:
+    rules = _rules(
+        json_constraint({"type": "object", "properties": {"root": {"type": "string"}}})[0]
+    )
+    assert rules["root"].startswith('"{"') and '"\\"root\\""' in rules["root-kv"]
+
+
+def test_required_keys_are_kept_where_the_grammar_used_to_drop_them() -> None:
+    # No properties: the key is still required.
+    rules = _rules(json_constraint({"type": "object", "required": ["a"]})[0])
+    assert rules["root"] == '"{" space a-kv "}" space'
+    # A oneOf alternative adds its own required key to the parent's, and is checked.
+    grammar, check = json_constraint(
+        {
+            "type": "object",
+            "required": ["id"],
+            "properties": {"id": {"type": "string"}},
+            "oneOf": [{"required": ["a"], "properties": {"a": {}}}],
+        }
+    )
+    assert '"\\"id\\""' in grammar and '"\\"a\\""' in grammar
+    assert check is not None and check.problem({"a": 1}) is not None
+
+
+def test_defs_whose_names_clean_up_alike_keep_their_own_rules() -> None:
+    schema = {
+        "type": "object",
+        "$defs": {"a.b": {"type": "string"}, "a_b": {"type": "integer"}},
+        "properties": {"x": {"$ref": "#/$defs/a.b"}, "y": {"$ref": "#/$defs/a_b"}},
+    }
+    rules = _rules(json_constraint(schema)[0])
+    assert rules[rules["x"]] != rules[rules["y"]]
+
+
+@pytest.mark.parametrize(
+    "schema, relaxed",
+    [
+        ({"maximum": 10}, "keywords without a type"),
+        ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}, "beside pattern"),
+        ({"$ref": "#/$defs/s", "maxLength": 2}, "beside $ref"),
+        ({"type": "integer", "oneOf": [{"minimum": 1}, {"maximum": 5}]}, "oneOf"),
+    ],
+)
+def test_what_a_grammar_cannot_hold_is_checked_not_dropped(
+    schema: dict[str, Any], relaxed: str
+) -> None:
+    doc = {"type": "object", "$defs": {"s": {"type": "string"}}, "properties": {"v": schema}}
+    _grammar, check = json_constraint(doc)
+    assert check is not None and any(relaxed in r for r in check.relaxed), check
+
+
+def test_every_tool_keeps_its_check_past_twenty_relaxations() -> None:
+    big = {"type": "object", "properties": {f"p{i}": {"maximum": 10} for i in range(25)}}
+    small = {"type": "object", "properties": {"s": WORKFLOW}}
+    tools = parse_tools(
+        [
+            {"type": "function", "function": {"name": "big", "parameters": big}},
+            {"type": "function", "function": {"name": "small", "parameters": small}},
+        ]
+    )
+    _grammar, checks = tool_call_constraint(tools, ToolChoice("required"), True)
+    assert sorted(checks) == ["big", "small"]
+
+
+def test_a_pattern_python_cannot_read_skips_only_itself_in_the_check() -> None:
+    from server.grammar import SchemaCheck
+
+    schema = {"type": "object", "properties": {"a": {"pattern": "^\\p{L}+$"}, "b": WORKFLOW}}
+    check = SchemaCheck(schema, ("x",), "response_format")
+    assert check.problem({"a": "z", "b": "x" * 524289}) is not None
+    assert check.problem({"a": "z", "b": "x"}) is None
+
+
+def test_a_lone_surrogate_is_a_400_not_a_500() -> None:
+    with pytest.raises(InvalidRequest, match="surrogate"):
+        json_constraint({"type": "object", "properties": {"c": {"const": "\ud83d"}}})
+
+
+@pytest.mark.parametrize(
+    "grammar",
+    ['root ::= "a"{2}{3}', 'root ::= "x" [0-9]+?', "root ::= [a\\-z]", 'root ::= ("a"){0,50}'],
+)
+def test_repetitions_of_repetitions_are_checked_not_looped_on(grammar: str) -> None:
+    check_grammar(grammar)  # (this used to never return)
+
+
+def test_grammars_llama_cpp_would_walk_exponentially_are_400s() -> None:
+    # llama.cpp's left-recursion check walks a rule again each way it is reached.
+    doubling = "root ::= a0\n" + "".join(f"a{i} ::= a{i + 1} | a{i + 1}\n" for i in range(60))
+    with pytest.raises(InvalidRequest, match="branches too much"):
+        check_grammar(doubling + 'a60 ::= "x"')
+    defs = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}] * 3} for i in range(30)}
+    defs["d30"] = {"type": "string"}
+    schema = {"$defs": defs, "type": "object", "properties": {"x": {"$ref": "#/$defs/d0"}}}
+    with pytest.raises(InvalidRequest, match="branches too much"):
+        json_constraint(schema)
+    # A long chain of rules that may be empty is fine (and checked in linear time).
+    chain = "root ::= r0\n" + "".join(f"r{i} ::= r{i + 1}\n" for i in range(3000))
+    check_grammar(chain + 'r3000 ::= ""')

@@ -81,6 +81,8 @@ class SchemaCheck:
             cls = jsonschema.validators.validator_for(
                 self.schema, default=jsonschema.Draft202012Validator
             )
+            # A pattern Python cannot compile (ECMA's \\p{L}) is skipped, not the whole check.
+            cls = jsonschema.validators.extend(cls, {"pattern": _pattern})
             err = jsonschema.exceptions.best_match(cls(self.schema).iter_errors(value))
         except Exception:
             return None
@@ -99,6 +101,21 @@ class SchemaCheck:
         except ValueError:
             return None  # cut short (max_tokens): the reply says so by its finish reason
         return self.problem(value)
+
+
+def _pattern(validator: Any, pattern: Any, instance: Any, schema: Any) -> Any:
+    import re
+
+    import jsonschema
+
+    if not validator.is_type(instance, "string") or not isinstance(pattern, str):
+        return
+    try:
+        found = re.search(pattern, instance)
+    except re.error:
+        return
+    if found is None:
+        yield jsonschema.ValidationError(f"{instance[:80]!r} does not match {pattern[:80]!r}")
 
 
 def _object_root(schema: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +177,7 @@ def tool_call_constraint(
     checks: dict[str, SchemaCheck] = {}
     calls = []
     for i, tool in enumerate(tools):
-        before = len(conv.relaxed)
+        before, shown = conv.relax_count, len(conv.relaxed)
         try:
             args = _convert(conv, dict(tool.parameters), f"tool{i}-arguments", f"tool{i}-")
         except InvalidRequest as e:
@@ -168,9 +185,11 @@ def tool_call_constraint(
                 f"Unsupported JSON schema for tool '{tool.name}' (in tools): {e.message}",
                 param="tools",
             ) from e
-        if len(conv.relaxed) > before:
+        if conv.relax_count > before:
             checks[tool.name] = SchemaCheck(
-                dict(tool.parameters), tuple(conv.relaxed[before:]), "tools"
+                dict(tool.parameters),
+                tuple(conv.relaxed[shown:]) or ("some of its keywords",),
+                "tools",
             )
         calls.append(
             conv.add(

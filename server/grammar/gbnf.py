@@ -17,6 +17,8 @@ MAX_BYTES = 4_000_000
 MAX_NESTING = 64  # parentheses inside one rule: llama.cpp's parser recurses on each
 MAX_CHAIN = 4000  # rules the sampler enters, one inside the other, before it reads a char
 MAX_EXPANDED = 400_000  # rule elements after llama.cpp writes out the repetitions
+# Calls llama.cpp's left-recursion check makes from one rule (it walks shared rules again).
+MAX_PATHS = 200_000
 
 
 @dataclass
@@ -85,10 +87,10 @@ class _Parser:
                 j = self.i + 2
                 while j < len(s) and j < self.i + 2 + digits and s[j] in "0123456789abcdefABCDEF":
                     j += 1
-                if j == self.i + 2:
-                    raise self.fail("expecting hex digits after \\" + e)
+                if j != self.i + 2 + digits:
+                    raise self.fail(f"expecting {digits} hex digits after \\{e}")
                 self.i = j
-            elif e in 'trn\\"[]':
+            elif e in 'trn\\"[]-':
                 self.i += 2
             else:
                 raise self.fail(f"unknown escape \\{e}")
@@ -187,9 +189,11 @@ class _Parser:
 
     def repetition(self, el: Element, c: str) -> None:
         self.i += 1
-        if el.lo != 1 or el.hi != 1:  # `x**`: llama.cpp repeats the generated rule
-            el.atom = Atom("group", alts=[[el]], size=1)
-            el = Element(el.atom)
+        if el.lo != 1 or el.hi != 1:  # `x**`: llama.cpp repeats the rules it generated
+            inner = Element(el.atom, el.lo, el.hi)
+            made = el.hi if el.hi is not None and el.hi > 0 else max(el.lo, 1)
+            el.atom = Atom("group", alts=[[inner]], size=made + 1)
+            el.lo = el.hi = 1
         if c == "*":
             lo, hi = 0, None
         elif c == "+":
@@ -238,6 +242,13 @@ class _Parser:
 def check_grammar(text: str, *, param: str = "grammar") -> None:
     """Raise a GrammarError (a 400 naming `param`) for a grammar llama.cpp would refuse, or
     one it would recurse through too deeply; return for one it can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GrammarError(
+            f"{_the(param)} holds a character UTF-8 cannot encode (a lone surrogate).",
+            param=param,
+        ) from e
     p = _Parser(text, param)
     p.parse()
     rules = p.rules
@@ -273,7 +284,8 @@ def _refs(alts: list[list[Element]]) -> list[str]:
 
 
 def _nullable(rules: dict[str, list[list[Element]]]) -> set[str]:
-    """Rules that can match the empty string (fixed point)."""
+    """Rules that can match the empty string: a worklist, so that a rule is looked at again
+    only when a rule it refers to turned out nullable."""
     out: set[str] = set()
 
     def el_null(el: Element) -> bool:
@@ -286,13 +298,18 @@ def _nullable(rules: dict[str, list[list[Element]]]) -> set[str]:
             return any(all(el_null(e) for e in seq) for seq in a.alts)
         return a.kind == "lit" and a.empty
 
-    changed = True
-    while changed:
-        changed = False
-        for name, alts in rules.items():
-            if name not in out and any(all(el_null(e) for e in seq) for seq in alts):
-                out.add(name)
-                changed = True
+    users: dict[str, set[str]] = {n: set() for n in rules}
+    for name, alts in rules.items():
+        for ref in _refs(alts):
+            users[ref].add(name)
+    todo = list(rules)
+    while todo:
+        name = todo.pop()
+        if name in out:
+            continue
+        if any(all(el_null(e) for e in seq) for seq in rules[name]):
+            out.add(name)
+            todo += [u for u in users[name] if u not in out]
     return out
 
 
@@ -360,6 +377,28 @@ def _chains(rules: dict[str, list[list[Element]]], nullable: set[str], param: st
             param=param,
         )
     depth: dict[str, int] = {}
+    paths: dict[str, int] = {}
+
+    def seq_paths(seq: list[Element]) -> int:
+        """The calls llama.cpp's left-recursion check makes below a sequence: it does not
+        remember rules it has seen, so a rule reached twice from the left is walked twice."""
+        total = 0
+        for el in seq:
+            a = el.atom
+            base = (
+                paths[a.name]
+                if a.kind == "ref"
+                else 1 + sum(seq_paths(s) for s in a.alts)
+                if a.kind == "group"
+                else 0
+            )
+            if el.lo != 1 or el.hi != 1:
+                copies = el.hi if el.hi is not None else 1
+                base = copies * (base + 1) if atom_null(a) else base + 1
+            total += base
+            if not el_null(el):
+                break
+        return min(total, MAX_PATHS + 1)
 
     def seq_depth(seq: list[Element]) -> int:
         total = 0
@@ -382,6 +421,13 @@ def _chains(rules: dict[str, list[list[Element]]], nullable: set[str], param: st
 
     for n in order:
         depth[n] = 1 + max(seq_depth(seq) for seq in rules[n])
+        paths[n] = min(1 + sum(seq_paths(seq) for seq in rules[n]), MAX_PATHS + 1)
+        if paths[n] > MAX_PATHS:
+            raise GrammarError(
+                f"{_the(param)} branches too much at its start for llama.cpp to check it "
+                f"(rule '{n[:60]}' is reached more than {MAX_PATHS} ways).",
+                param=param,
+            )
         if depth[n] > MAX_CHAIN:
             raise GrammarError(
                 f"{_the(param)} nests rules deeper than lmx accepts ({MAX_CHAIN}) at '{n[:60]}'.",

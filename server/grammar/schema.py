@@ -131,6 +131,7 @@ UNENFORCED = frozenset(
         "additionalItems",
     }
 )
+MAX_WORK = 100_000  # enum values and pattern characters, over the whole grammar
 MAX_VISITS = 50_000  # schemas visited for one grammar (type lists and anyOf copy their parent)
 # Keywords this converter writes into the grammar.
 HANDLED = ANNOTATIONS | {
@@ -181,25 +182,50 @@ class Conversion:
     expanded: int = 0
     visits: int = 0
     size: int = len(SPACE)
-    _refs_open: set[str] = field(default_factory=set)
+    relax_count: int = 0  # every relaxation (`relaxed` keeps the first few, for messages)
+    work: int = 0  # enum values and pattern characters processed
+    ref_names: dict[tuple[str, str], str] = field(default_factory=dict)
+    _next: dict[str, int] = field(default_factory=dict)
+    _keys: dict[tuple[str, str], str] = field(default_factory=dict)
 
     # -- rules ----------------------------------------------------------------------------
     def add(self, name: str, body: str) -> str:
         """Add a rule (a new name if `name` is taken by a different body); returns its name."""
+        wanted = _NAME_CHARS.sub("-", name) or "r"
+        known = self._keys.get((wanted, body))
+        if known is not None:
+            return known
+        base = self.unique_name(name)
+        self.size += len(base) + len(body) + 6
+        if len(self.rules) >= MAX_RULES or self.size > MAX_BYTES:
+            raise InvalidRequest(
+                f"The schema needs a grammar larger than lmx builds ({MAX_RULES} rules, "
+                f"{MAX_BYTES // 1000} kB); simplify it.",
+                param=self.param,
+            )
+        self.rules[base] = body
+        self._keys[(wanted, body)] = base
+        return base
+
+    def unique_name(self, name: str) -> str:
+        """`name` as a rule name not taken yet (a counter per name: no search from 0)."""
         base = _NAME_CHARS.sub("-", name) or "r"
-        key, i = base, 0
-        while key in self.rules and self.rules[key] != body:
-            key, i = f"{base}{i}", i + 1
-        if key not in self.rules:
-            self.size += len(key) + len(body) + 6
-            if len(self.rules) >= MAX_RULES or self.size > MAX_BYTES:
-                raise InvalidRequest(
-                    f"The schema needs a grammar larger than lmx builds ({MAX_RULES} rules, "
-                    f"{MAX_BYTES // 1000} kB); simplify it.",
-                    param=self.param,
-                )
-            self.rules[key] = body
-        return key
+        if base not in self.rules:
+            return base
+        while True:
+            i = self._next.get(base, 0)
+            self._next[base] = i + 1
+            if f"{base}{i}" not in self.rules:
+                return f"{base}{i}"
+
+    def spend(self, units: int) -> None:
+        self.work += units
+        if self.work > MAX_WORK:
+            raise InvalidRequest(
+                "The schema is too complex for a grammar (its enums and patterns, repeated "
+                "where anyOf or a type list copies them).",
+                param=self.param,
+            )
 
     def primitive(self, name: str) -> str:
         body, deps = PRIMITIVES[name]
@@ -210,6 +236,7 @@ class Conversion:
         return name
 
     def relax(self, path: str, what: str) -> None:
+        self.relax_count += 1
         if len(self.relaxed) < 20:
             self.relaxed.append(f"{what} at {path}")
 
@@ -280,15 +307,21 @@ class SchemaConverter:
             c.relax(path, key)
         rule = self.rule(name)
         if (ref := schema.get("$ref")) is not None:
+            if _constrains({k: v for k, v in schema.items() if k not in _REF_SIBLINGS}):
+                c.relax(path, "keywords beside $ref")
             return c.add(rule, self._ref(ref, path, depth))
         if "oneOf" in schema or "anyOf" in schema:
+            if "oneOf" in schema:
+                c.relax(path, "oneOf (one alternative only)")
+            if "oneOf" in schema and "anyOf" in schema:
+                c.relax(path, "anyOf beside oneOf")
             alts = schema.get("oneOf") or schema.get("anyOf")
             if not isinstance(alts, list) or not alts:
                 raise InvalidRequest(f"anyOf/oneOf at {path[:200]} is empty.", param=c.param)
             rest = {k: v for k, v in schema.items() if k not in ("oneOf", "anyOf")}
             names = [
                 self.visit(
-                    {**rest, **a} if isinstance(a, dict) and _constrains(rest) else a,
+                    _merge(rest, a, c, path) if isinstance(a, dict) and _constrains(rest) else a,
                     f"{name}-{i}",
                     f"{path}.anyOf[{i}]",
                     depth + 1,
@@ -311,7 +344,9 @@ class SchemaConverter:
         if "allOf" in schema:
             return self.visit(self._merge_all_of(schema, path), name, path, depth + 1)
         if kind in (None, "object") and (
-            "properties" in schema or schema.get("additionalProperties", True) is not True
+            "properties" in schema
+            or schema.get("additionalProperties", True) is not True
+            or (kind == "object" and schema.get("required"))
         ):
             return c.add(rule, self._object(schema, name, path, depth))
         if kind in (None, "array") and ("items" in schema or "prefixItems" in schema):
@@ -319,6 +354,8 @@ class SchemaConverter:
         if kind == "array" and ("minItems" in schema or "maxItems" in schema):
             return c.add(rule, self._array({**schema, "items": {}}, name, path, depth))
         if kind in (None, "string") and "pattern" in schema:
+            if "minLength" in schema or "maxLength" in schema:
+                c.relax(path, "minLength/maxLength beside pattern")
             body = pattern_rule(c, schema["pattern"], rule, path)
             if body is not None:
                 return c.add(rule, body)
@@ -339,9 +376,13 @@ class SchemaConverter:
             k in schema for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
         ):
             return c.add(rule, self._range(schema, kind, rule, path))
-        if kind is None and not _constrains(schema):
+        if kind is None:
+            # Keywords with no type (`{"maximum": 10}`) constrain only values of their kind:
+            # any value, checked on the reply.
+            if _constrains(schema):
+                c.relax(path, "keywords without a type")
             return c.add(rule, c.primitive("value"))
-        if kind == "object" or kind is None:
+        if kind == "object":
             return c.add(rule, c.primitive("object"))
         if not isinstance(kind, str) or kind not in (
             "string",
@@ -364,10 +405,10 @@ class SchemaConverter:
                 f"Only local $ref ('#/...') is supported, not {str(ref)[:100]!r}.",
                 param=c.param,
             )
-        name = self.rule(f"{self.prefix}ref{ref[1:]}")
-        name = _NAME_CHARS.sub("-", name)
-        if name in c.rules or ref in c._refs_open:
-            return name
+        known = c.ref_names.get((self.prefix, ref))
+        if known is not None:
+            return known  # (also a recursive $ref: named before it is visited)
+        name = c.unique_name(self.rule(f"{self.prefix}ref{ref[1:]}"))
         target: Any = self.document
         for part in ref[1:].split("/")[1:] if ref != "#" else []:
             part = part.replace("~1", "/").replace("~0", "~")
@@ -377,14 +418,10 @@ class SchemaConverter:
                 target = target[int(part)]
             else:
                 raise InvalidRequest(f"$ref {ref[:100]!r} points at nothing.", param=c.param)
-        c._refs_open.add(ref)
-        try:
-            # The rule is named before it is visited, so that a recursive $ref refers to it.
-            c.rules[name] = "space"  # placeholder, replaced below
-            got = self.visit(target, f"{name}-def", f"{path}.$ref", depth + 1)
-            c.rules[name] = got
-        finally:
-            c._refs_open.discard(ref)
+        # The rule is named before it is visited, so that a recursive $ref refers to it.
+        c.ref_names[(self.prefix, ref)] = name
+        c.rules[name] = "space"  # placeholder, replaced below
+        c.rules[name] = self.visit(target, f"{name}-def", f"{path}.$ref", depth + 1)
         return name
 
     def _enum(self, schema: dict[str, Any], rule: str, path: str, depth: int) -> str:
@@ -392,6 +429,7 @@ class SchemaConverter:
         values = schema["enum"]
         if not isinstance(values, list) or not values:
             raise InvalidRequest(f"enum at {path[:200]} is empty.", param=c.param)
+        c.spend(len(values))
         lits = [] if len(values) > MAX_ENUM else [literal(_dumps(v)) for v in values]
         if not lits or sum(len(x) for x in lits) > MAX_ENUM_BYTES:
             c.relax(path, f"enum of {len(values)} values")
@@ -412,13 +450,18 @@ class SchemaConverter:
         props: dict[str, Any] = dict(merged.get("properties") or {})
         required: list[Any] = list(merged.get("required") or [])
         for part in parts:
-            if isinstance(part, dict) and "$ref" in part and len(part) == 1:
-                part = self._deref(part["$ref"])
+            if isinstance(part, dict) and "$ref" in part:
+                target = self._deref(part["$ref"])
+                rest = {k: v for k, v in part.items() if k != "$ref"}
+                part = _merge(target, rest, self.conv, path) if isinstance(target, dict) else rest
             if not isinstance(part, dict):
                 continue
             for k, v in part.items():
                 if k == "properties" and isinstance(v, dict):
-                    props.update(v)
+                    for key, sub in v.items():
+                        if key in props and props[key] != sub:
+                            self.conv.relax(path, f"allOf property {key}")
+                        props[key] = sub
                 elif k == "required" and isinstance(v, list):
                     required += v
                 elif k in merged and merged[k] != v:
@@ -448,14 +491,21 @@ class SchemaConverter:
         required = schema.get("required") or []
         required = set(required) if isinstance(required, list) else set()
         sep = f"{name}-" if name else ""
+        # Required keys the properties do not describe take any value.
+        props = {**props, **{k: {} for k in required if isinstance(k, str) and k not in props}}
         kvs: dict[str, str] = {}
         for key, sub in props.items():
-            value = self.visit(sub, f"{sep}{key}", f"{path}.{key}", depth + 1)
+            pname = f"{sep}{key}"
+            if pname in ("", "root"):  # a property called "root" (or "") is not the root
+                pname = f"{sep}{key}-prop"
+            value = self.visit(sub, pname, f"{path}.{key}", depth + 1)
             kvs[key] = c.add(f"{sep}{key}-kv", f'{literal(_dumps(key))} space ":" space {value}')
         req = [k for k in props if k in required]
         opt = [k for k in props if k not in required]
         extra = schema.get("additionalProperties", False)
         if extra is not False and extra is not None:
+            if props:
+                c.relax(path, "additional keys that may repeat declared ones")
             value = self.visit(
                 {} if extra is True else extra,
                 f"{sep}additional-value",
@@ -554,6 +604,27 @@ class SchemaConverter:
         return c.primitive("positive-integer" if a >= 1 else "nonneg-integer")
 
 
+_REF_SIBLINGS = frozenset({"$ref", "$defs", "definitions"})
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any], c: Conversion, path: str) -> dict[str, Any]:
+    """Both schemas' keywords (a value must match both): properties and required united; a
+    keyword both give differently is `b`'s, and checked on the reply."""
+    out = {**a, **b}
+    pa, pb = a.get("properties"), b.get("properties")
+    if isinstance(pa, dict) and isinstance(pb, dict):
+        if any(k in pa and pa[k] != v for k, v in pb.items()):
+            c.relax(path, "a property given twice")
+        out["properties"] = {**pa, **pb}
+    ra, rb = a.get("required"), b.get("required")
+    if isinstance(ra, list) and isinstance(rb, list):
+        out["required"] = list(dict.fromkeys([*ra, *rb]))
+    for k in (a.keys() & b.keys()) - {"properties", "required"} - ANNOTATIONS:
+        if a[k] != b[k]:
+            c.relax(path, f"{k} given twice")
+    return out
+
+
 def _constrains(schema: dict[str, Any]) -> bool:
     return bool(schema.keys() - ANNOTATIONS)
 
@@ -626,6 +697,7 @@ def pattern_rule(c: Conversion, pattern: Any, name: str, path: str) -> str | Non
 
     if not isinstance(pattern, str):
         raise InvalidRequest(f"pattern at {path[:200]} is not a string.", param=c.param)
+    c.spend(len(pattern))
     if len(pattern) > MAX_PATTERN:
         c.relax(path, f"pattern of {len(pattern)} characters")
         return None
