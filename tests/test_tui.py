@@ -122,6 +122,15 @@ async def test_filter_and_sort(rt: Runtime, tmp_path: Path, gemma_path: Path) ->
         await pilot.press("s")  # by size, largest first
         assert "sorted by size" in str(app.query_one("#model-hint", Static).render())
         assert [r[0] for r in table_rows(app, "#model-table")] == ["other", MODEL]
+        # Esc leaves the filter box too, and the next key is the table's again (it typed
+        # into the box: "/", "oth", Esc, "s" gave "oths").
+        await pilot.press("slash", *"oth", "escape")
+        assert app.focused is app.query_one("#model-table")
+        await pilot.press("s")
+        assert app.query_one("#model-filter", Input).value == "oth"
+        await pilot.press("f6", "slash", *"smol", "escape")
+        assert app.focused is app.query_one("#hub-repos")
+        assert app.query_one("#hub-query", Input).value == "smol"
 
 
 async def test_chat_streams_and_stops(rt: Runtime) -> None:

@@ -36,6 +36,14 @@ class HubPane(Vertical):
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("slash", "focus_search", "Search", id="hub.search"),
+        Binding(
+            "escape",
+            "leave_search",
+            "Back to the results",
+            id="hub.leave_search",
+            show=False,
+            tooltip="Leave the search box",
+        ),
     ]
 
     class Pull(Message):
@@ -73,6 +81,15 @@ class HubPane(Vertical):
 
     def action_focus_search(self) -> None:
         self.query_one("#hub-query", Input).focus()
+
+    def action_leave_search(self) -> None:
+        self.query_one("#hub-repos", DataTable).focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        # `/` is the key that focuses this box: pressed when it already has the focus, it
+        # must not become the query's first character (a repository name never starts so).
+        if event.input.id == "hub-query" and event.value == "/":
+            event.input.value = ""
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.value.strip():

@@ -77,6 +77,14 @@ class ModelBrowser(Vertical):
         Binding("s", "sort", "Sort", id="models.sort", tooltip="Cycle the sort column"),
         Binding("slash", "filter", "Filter", id="models.filter", tooltip="Filter by text"),
         Binding("r", "refresh", "Rescan", id="models.rescan", tooltip="Rescan model folders"),
+        Binding(
+            "escape",
+            "leave_filter",
+            "Back to the table",
+            id="models.leave_filter",
+            show=False,
+            tooltip="Leave the filter box (its text stays)",
+        ),
     ]
 
     class Load(Message):
@@ -210,6 +218,9 @@ class ModelBrowser(Vertical):
 
     def action_filter(self) -> None:
         self.query_one("#model-filter", Input).focus()
+
+    def action_leave_filter(self) -> None:
+        self.query_one(DataTable).focus()
 
     def action_sort(self) -> None:
         self.sort_key = SORT_KEYS[(SORT_KEYS.index(self.sort_key) + 1) % len(SORT_KEYS)]
