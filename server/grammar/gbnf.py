@@ -8,6 +8,7 @@ The syntax is llama.cpp's (`src/llama-grammar.cpp`); the checks are its own limi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from server.errors import InvalidRequest
@@ -379,16 +380,20 @@ def _chains(rules: dict[str, list[list[Element]]], nullable: set[str], param: st
     depth: dict[str, int] = {}
     paths: dict[str, int] = {}
 
-    def seq_paths(seq: list[Element]) -> int:
-        """The calls llama.cpp's left-recursion check makes below a sequence: it does not
-        remember rules it has seen, so a rule reached twice from the left is walked twice."""
+    def seq_cost(
+        seq: list[Element], known: dict[str, int], alts: Callable[[Iterable[int]], int]
+    ) -> int:
+        """What a sequence's leading elements cost, summed through the ones that may be
+        empty: `alts` is how a group's alternatives combine (max: the depth llama.cpp's
+        recursion reaches; sum: the calls its left-recursion check makes, since it walks a
+        rule again each way it is reached)."""
         total = 0
         for el in seq:
             a = el.atom
             base = (
-                paths[a.name]
+                known[a.name]
                 if a.kind == "ref"
-                else 1 + sum(seq_paths(s) for s in a.alts)
+                else 1 + alts(seq_cost(s, known, alts) for s in a.alts)
                 if a.kind == "group"
                 else 0
             )
@@ -398,30 +403,11 @@ def _chains(rules: dict[str, list[list[Element]]], nullable: set[str], param: st
             total += base
             if not el_null(el):
                 break
-        return min(total, MAX_PATHS + 1)
-
-    def seq_depth(seq: list[Element]) -> int:
-        total = 0
-        for el in seq:
-            a = el.atom
-            base = (
-                depth[a.name]
-                if a.kind == "ref"
-                else 1 + max(seq_depth(s) for s in a.alts)
-                if a.kind == "group"
-                else 0
-            )
-            if el.lo != 1 or el.hi != 1:
-                copies = el.hi if el.hi is not None else 1
-                base = copies * (base + 1) if atom_null(a) else base + 1
-            total += base
-            if not el_null(el):
-                break
-        return total
+        return min(total, MAX_PATHS + MAX_CHAIN + 1)
 
     for n in order:
-        depth[n] = 1 + max(seq_depth(seq) for seq in rules[n])
-        paths[n] = min(1 + sum(seq_paths(seq) for seq in rules[n]), MAX_PATHS + 1)
+        depth[n] = 1 + max(seq_cost(seq, depth, max) for seq in rules[n])
+        paths[n] = min(1 + sum(seq_cost(seq, paths, sum) for seq in rules[n]), MAX_PATHS + 1)
         if paths[n] > MAX_PATHS:
             raise GrammarError(
                 f"{_the(param)} branches too much at its start for llama.cpp to check it "
