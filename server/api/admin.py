@@ -10,7 +10,6 @@ import msgspec
 from litestar import Controller, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody, Parameter, QueryParameter
-from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -21,6 +20,7 @@ from prometheus_client.core import (
 
 from server import hub
 from server.api.errors import OPENAI_ERRORS
+from server.api.sse import EventStream
 from server.downloads import Download
 from server.engines.prefix_store import PrefixStoreStats
 from server.errors import LmxError, NotFound
@@ -29,8 +29,6 @@ from server.memory import process_rss
 from server.models import ModelService
 from server.runtime import Runtime
 from server.telemetry import RequestRecord, SystemSampler
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _sse(event: str, data: Any) -> ServerSentEventMessage:
@@ -114,7 +112,7 @@ class AdminController(Controller):
     @post("/models/{model_id:str}/load", status_code=200)
     async def load(
         self, models: NamedDependency[ModelService], model_id: FromPath[str]
-    ) -> ServerSentEvent:
+    ) -> EventStream:
         info = models.resolve(model_id)  # unknown names fail here, as a plain 404
 
         async def events() -> AsyncIterator[ServerSentEventMessage]:
@@ -134,7 +132,7 @@ class AdminController(Controller):
                 },
             )
 
-        return ServerSentEvent(events(), headers=SSE_HEADERS)
+        return EventStream(events())
 
     @post("/models/{model_id:str}/unload", status_code=200)
     async def unload(
@@ -217,7 +215,7 @@ class AdminController(Controller):
         return _job(job_id, rt.downloads.resume).as_dict()
 
     @get("/events")
-    async def events(self, rt: NamedDependency[Runtime]) -> ServerSentEvent:
+    async def events(self, rt: NamedDependency[Runtime]) -> EventStream:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(maxsize=1000)
 
@@ -263,7 +261,7 @@ class AdminController(Controller):
                 for fn in unsubscribe:
                     fn()
 
-        return ServerSentEvent(stream(), headers=SSE_HEADERS)
+        return EventStream(stream())
 
 
 class DownloadBody(msgspec.Struct, kw_only=True):

@@ -17,11 +17,11 @@ import msgspec
 from litestar import Controller, Response, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
-from litestar.response import ServerSentEvent
 from msgspec import Meta
 
 from server.api.errors import handlers
 from server.api.schemas import PositiveInt, Probability, TopK
+from server.api.sse import EventStream
 from server.chat_output import ChatOutput
 from server.errors import InvalidRequest
 from server.pipeline import (
@@ -42,8 +42,6 @@ from server.toolcalls import (
     parse_anthropic_tool_choice,
     parse_anthropic_tools,
 )
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 # HTTP status -> Anthropic's error type.
 ERROR_TYPES = {
@@ -334,7 +332,7 @@ class AnthropicController(Controller):
         run = await rt.service.start(req)
         mid = f"msg_{uuid.uuid4().hex[:24]}"
         if data.stream:
-            return ServerSentEvent(_stream(run, mid, show_thinking), headers=SSE_HEADERS)
+            return EventStream(_stream(run, mid, show_thinking))
         result = await run.result()
         if (failure := run.failure) is not None:
             raise failure

@@ -18,7 +18,6 @@ import msgspec
 from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
-from litestar.response import ServerSentEvent
 
 from server.api.errors import OPENAI_ERRORS
 from server.api.schemas import (
@@ -29,6 +28,7 @@ from server.api.schemas import (
     ResponseFormat,
     SamplingFields,
 )
+from server.api.sse import EventStream
 from server.chat_output import ChatOutput
 from server.discovery import ModelInfo
 from server.engines.base import Finished
@@ -47,8 +47,6 @@ from server.pipeline import (
 from server.runtime import Runtime
 from server.settings import parse_duration
 from server.toolcalls import parse_tool_choice, parse_tools
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def model_card(info: ModelInfo, rt: Runtime) -> dict[str, Any]:
@@ -288,9 +286,7 @@ class OpenAIController(Controller):
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            return ServerSentEvent(
-                _chat_stream(run, cid, created, include_usage), headers=SSE_HEADERS
-            )
+            return EventStream(_chat_stream(run, cid, created, include_usage))
         result = await run.result()
         if (failure := run.failure) is not None:
             raise failure
@@ -335,9 +331,7 @@ class OpenAIController(Controller):
         echo = [prompts[i // data.n] if data.echo else "" for i in range(run.choices)]
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            return ServerSentEvent(
-                _text_stream(run, cid, created, include_usage, echo), headers=SSE_HEADERS
-            )
+            return EventStream(_text_stream(run, cid, created, include_usage, echo))
         result = await run.result()
         if (failure := run.failure) is not None:
             raise failure

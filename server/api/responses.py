@@ -22,11 +22,11 @@ from litestar import Controller, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
-from litestar.response import ServerSentEvent
 
 from server.api.errors import OPENAI_ERRORS
-from server.api.openai import SSE_HEADERS, keep_alive_value
+from server.api.openai import keep_alive_value
 from server.api.schemas import PositiveInt, Probability, Temperature
+from server.api.sse import EventStream
 from server.chat_output import ChatOutput, ToolCall
 from server.errors import InvalidRequest, NotFound
 from server.pipeline import (
@@ -421,7 +421,7 @@ class ResponsesController(Controller):
                 store.put(builder.id, response, [*messages, reply_message(out)])
 
         if data.stream:
-            return ServerSentEvent(_stream(run, builder, keep), headers=SSE_HEADERS)
+            return EventStream(_stream(run, builder, keep))
         result = await run.result()
         if (failure := run.failure) is not None:
             raise failure
