@@ -9,6 +9,7 @@ request itself runs in `server.pipeline`; the `x-api-key` header is the app's ke
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
@@ -206,13 +207,37 @@ def _user(i: int, blocks: list[dict[str, Any]], open_calls: dict[str, str]) -> l
     return results
 
 
+# Claude Code opens its system prompt with `x-anthropic-billing-header: cc_version=...;
+# cc_entrypoint=cli; cch=a5145;`: the `cch` stamp changes on every request, so no prefix cache
+# would get past it. It means nothing to a local model; it is written as one fixed value (as
+# llama.cpp's server does), and the prompt is computed once.
+_BILLING_STAMP = re.compile(r"\A(x-anthropic-billing-header:[^\n]*?\bcch=)[0-9A-Za-z]+;")
+
+
+def normalize_billing_header(text: str) -> str:
+    return _BILLING_STAMP.sub(r"\g<1>00000;", text, count=1)
+
+
+def _system_text(system: str | list[dict[str, Any]]) -> str:
+    if isinstance(system, list):
+        system = [
+            {**b, "text": normalize_billing_header(b["text"])}
+            if isinstance(b, dict) and isinstance(b.get("text"), str)
+            else b
+            for b in system
+        ]
+    else:
+        system = normalize_billing_header(system)
+    return _text_blocks(system, "system")
+
+
 def messages_of(body: PromptFields) -> list[dict[str, Any]]:
     """Anthropic turns as the pipeline's messages: `tool_use` blocks become an assistant's
     tool calls, `tool_result` blocks tool results (each checked against the calls of the turn
     before it), `system` turns system messages in place."""
     out: list[dict[str, Any]] = []
     if body.system:
-        out.append({"role": "system", "content": _text_blocks(body.system, "system")})
+        out.append({"role": "system", "content": _system_text(body.system)})
     open_calls: dict[str, str] = {}
     for i, m in enumerate(body.messages):
         blocks = [{"type": "text", "text": m.content}] if isinstance(m.content, str) else m.content

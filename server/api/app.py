@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from litestar import Litestar, get
+from litestar import Litestar, get, head
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
@@ -51,6 +51,17 @@ async def health(rt: NamedDependency[Runtime]) -> dict[str, Any]:
     }
 
 
+@get("/", opt={"public": True}, tags=["lmx"], media_type="text/plain")
+async def root() -> str:
+    """What Ollama's root answers: a probe (Claude Code's `HEAD /`, uptime checks) gets a 200."""
+    return "lmx is running"
+
+
+@head("/", opt={"public": True}, tags=["lmx"])
+async def root_head() -> None:
+    return None
+
+
 # Every request body, for the OpenAPI document's components.
 BODIES: list[type] = [
     schemas.ChatCompletionRequest,
@@ -70,6 +81,8 @@ def create_app(rt: Runtime) -> Litestar:
     """Build the HTTP app over `rt` (shared with the TUI when it runs)."""
     app = Litestar(
         route_handlers=[
+            root,
+            root_head,
             health,
             OpenAIController,
             ResponsesController,

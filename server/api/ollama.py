@@ -326,6 +326,10 @@ def _final(model: str, run: Run, fin: Finished) -> dict[str, Any]:
     }
 
 
+# The Ollama release whose API these routes follow.
+OLLAMA_API_VERSION = "0.13.5"
+
+
 class OllamaController(Controller):
     """Ollama's wire format: NDJSON streams, `{"error": ...}` errors, keep_alive semantics."""
 
@@ -335,7 +339,9 @@ class OllamaController(Controller):
 
     @get("/version")
     async def version(self) -> dict[str, Any]:
-        return {"version": __version__}
+        # Ollama clients gate features on this (Codex's --oss wants 0.13.4 or newer): the
+        # version of Ollama's API lmx speaks, and lmx's own beside it.
+        return {"version": OLLAMA_API_VERSION, "lmx": __version__}
 
     @get("/tags")
     async def tags_(self, rt: NamedDependency[Runtime]) -> dict[str, Any]:

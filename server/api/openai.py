@@ -12,14 +12,15 @@ import struct
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody
 
 from server.api.errors import OPENAI_ERRORS
+from server.api.model_cards import anthropic_model, anthropic_page, model_card, openai_cards
 from server.api.schemas import (
     ChatCompletionRequest,
     ChatMessage,
@@ -30,7 +31,6 @@ from server.api.schemas import (
 )
 from server.api.sse import EventStream
 from server.chat_output import ChatOutput
-from server.discovery import ModelInfo
 from server.engines.base import Finished
 from server.errors import InvalidRequest
 from server.pipeline import (
@@ -48,15 +48,8 @@ from server.runtime import Runtime
 from server.settings import parse_duration
 from server.toolcalls import parse_tool_choice, parse_tools
 
-
-def model_card(info: ModelInfo, rt: Runtime) -> dict[str, Any]:
-    return {
-        "id": info.id,
-        "object": "model",
-        "created": int(info.path.stat().st_mtime) if info.path.exists() else 0,
-        "owned_by": "lmx",
-        "lmx": {**info.describe(), "state": rt.scheduler.state_of(info.id)},
-    }
+# Sent by Anthropic's clients: /v1/models answers them in Anthropic's list shape.
+AnthropicVersion = Annotated[str | None, HeaderParameter(name="anthropic-version")]
 
 
 def keep_alive_value(value: str | int | float | None) -> float | None:
@@ -243,25 +236,28 @@ class OpenAIController(Controller):
     exception_handlers = OPENAI_ERRORS
 
     @get("/models")
-    async def list_models(self, rt: NamedDependency[Runtime]) -> dict[str, Any]:
-        data = [model_card(m, rt) for m in rt.catalog.models() if m.usable]
-        for name, p in sorted(rt.settings.presets.items()):
-            data.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "lmx",
-                    "lmx": {"preset_of": p.model, "system": p.system},
-                }
-            )
-        return {"object": "list", "data": data}
+    async def list_models(
+        self,
+        rt: NamedDependency[Runtime],
+        anthropic_version: AnthropicVersion = None,
+        limit: FromQuery[int | None] = None,
+        after_id: FromQuery[str | None] = None,
+        before_id: FromQuery[str | None] = None,
+    ) -> dict[str, Any]:
+        cards = openai_cards(rt)
+        if anthropic_version is not None:  # Claude Code, the Anthropic SDKs
+            return anthropic_page(cards, limit, after_id, before_id)
+        return {"object": "list", "data": cards}
 
     @get("/models/{model_id:path}")
     async def get_model(
-        self, rt: NamedDependency[Runtime], model_id: FromPath[str]
+        self,
+        rt: NamedDependency[Runtime],
+        model_id: FromPath[str],
+        anthropic_version: AnthropicVersion = None,
     ) -> dict[str, Any]:
-        return model_card(rt.catalog.resolve(model_id.lstrip("/")), rt)
+        card = model_card(rt.catalog.resolve(model_id.lstrip("/")), rt)
+        return anthropic_model(card) if anthropic_version is not None else card
 
     @post("/chat/completions", status_code=200)
     async def chat_completions(
