@@ -3,6 +3,7 @@ shapes against a real server and model. The real CLIs run in tests/test_agent_cl
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -143,3 +144,214 @@ def test_claude_codes_changing_billing_stamp_does_not_break_the_prefix_cache(
     total = second["input_tokens"] + second["cache_read_input_tokens"]
     assert total == first["input_tokens"] + first["cache_read_input_tokens"]
     assert second["cache_read_input_tokens"] >= total - 16, second
+
+
+# The top-level fields of the Open Responses spec's ResponseResource, and their types.
+_INT, _NUM, _STR, _BOOL = (int,), (int, float), (str,), (bool,)
+RESPONSE_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": _STR,
+    "object": _STR,
+    "created_at": _INT,
+    "completed_at": (*_INT, type(None)),
+    "status": _STR,
+    "incomplete_details": (dict, type(None)),
+    "model": _STR,
+    "previous_response_id": (str, type(None)),
+    "instructions": (str, type(None)),
+    "output": (list,),
+    "error": (dict, type(None)),
+    "tools": (list,),
+    "tool_choice": (str, dict),
+    "truncation": _STR,
+    "parallel_tool_calls": _BOOL,
+    "text": (dict,),
+    "top_p": _NUM,
+    "presence_penalty": _NUM,
+    "frequency_penalty": _NUM,
+    "top_logprobs": _INT,
+    "temperature": _NUM,
+    "reasoning": (dict, type(None)),
+    "usage": (dict, type(None)),
+    "max_output_tokens": (int, type(None)),
+    "max_tool_calls": (int, type(None)),
+    "store": _BOOL,
+    "background": _BOOL,
+    "service_tier": _STR,
+    "safety_identifier": (str, type(None)),
+    "prompt_cache_key": (str, type(None)),
+}
+
+
+def _check_resource(resp: dict[str, Any]) -> None:
+    for name, kinds in RESPONSE_FIELDS.items():
+        assert name in resp, name
+        assert isinstance(resp[name], kinds) and not (
+            isinstance(resp[name], bool) and bool not in kinds
+        ), (name, resp[name])
+    for t in resp["tools"]:
+        if t["type"] == "function":
+            assert isinstance(t["strict"], bool)
+
+
+def _stream_events(url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    raw = _raw_stream(url, "/v1/responses", {**body, "stream": True})
+    out = []
+    for frame in raw.decode().split("\n\n"):
+        data = [line[6:] for line in frame.split("\n") if line.startswith("data: ")]
+        if data:
+            out.append(json.loads("\n".join(data)))
+    return out
+
+
+WEATHER_FN = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Get the current weather for a location",
+    "parameters": {
+        "type": "object",
+        "properties": {"location": {"type": "string", "maxLength": 30}},
+        "required": ["location"],
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_objects_carry_every_field_the_open_responses_spec_requires(
+    server: ServerThread, stream: bool
+) -> None:
+    body = {
+        "model": SMOL,
+        "input": [{"type": "message", "role": "user", "content": "Say hello."}],
+        "max_output_tokens": 4,
+        "tools": [WEATHER_FN],
+        "tool_choice": "none",
+    }
+    if stream:
+        events = _stream_events(server.url, body)
+        resp = events[-1]["response"]
+        _check_resource(events[0]["response"])
+    else:
+        r = httpx.post(server.url + "/v1/responses", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        resp = r.json()
+    _check_resource(resp)
+    assert resp["temperature"] == 0.8 and resp["top_p"] == 0.95  # the defaults lmx applied
+    assert resp["tools"][0]["strict"] is True
+    assert resp["completed_at"] is None or resp["completed_at"] >= resp["created_at"]
+    given = httpx.post(
+        server.url + "/v1/responses",
+        json={**body, "temperature": 0, "top_p": 0.5, "prompt_cache_key": "k1"},
+        timeout=300,
+    ).json()
+    assert (given["temperature"], given["top_p"], given["prompt_cache_key"]) == (0, 0.5, "k1")
+
+
+# Codex CLI's tools: functions, a namespace of functions, a freeform tool with a grammar, and
+# two tools a hosted server runs.
+APPLY_PATCH = {
+    "type": "custom",
+    "name": "apply_patch",
+    "description": "Use the `apply_patch` tool to edit files.",
+    "format": {
+        "type": "grammar",
+        "syntax": "lark",
+        "definition": 'start: begin_patch hunk+ end_patch\nbegin_patch: "*** Begin Patch" LF\n',
+    },
+}
+CODEX_TOOLS = [
+    {
+        "type": "function",
+        "name": "shell",
+        "description": "Runs a shell command and returns its output.",
+        "strict": False,
+        "parameters": {
+            "type": "object",
+            "properties": {"command": {"type": "array", "items": {"type": "string"}}},
+            "required": ["command"],
+        },
+    },
+    {
+        "type": "namespace",
+        "name": "multi_agent",
+        "description": "Tools in the multi_agent namespace.",
+        "tools": [
+            {
+                "type": "function",
+                "name": "spawn_agent",
+                "description": "Start a sub-agent.",
+                "strict": False,
+                "parameters": {
+                    "type": "object",
+                    "properties": {"task": {"type": "string", "maxLength": 20}},
+                    "required": ["task"],
+                },
+            }
+        ],
+    },
+    APPLY_PATCH,
+    {"type": "web_search", "external_web_access": False},
+    {"type": "image_generation", "output_format": "png"},
+]
+
+
+def test_codex_tools_are_understood_and_the_hosted_ones_left_out(
+    server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = {
+        "model": SMOL,
+        "instructions": "You are Codex.",
+        "input": [{"type": "message", "role": "user", "content": "Start an agent."}],
+        "tools": CODEX_TOOLS,
+        "store": False,
+        "max_output_tokens": 40,
+    }
+    headers = {"user-agent": "codex_cli_rs/0.171.0"}
+    with caplog.at_level("INFO", logger="server.api.responses_tools"):
+        for _ in range(2):
+            r = httpx.post(
+                server.url + "/v1/responses",
+                json={**body, "tool_choice": {"type": "function", "name": "spawn_agent"}},
+                headers=headers,
+                timeout=300,
+            )
+            assert r.status_code == 200, r.text
+    said = [m for m in caplog.messages if "left out of the prompt" in m]
+    assert len(said) == 2 and any("'web_search'" in m for m in said), said  # once per kind
+    call = next(i for i in r.json()["output"] if i["type"] == "function_call")
+    assert call["name"] == "spawn_agent" and call["namespace"] == "multi_agent"
+    assert set(json.loads(call["arguments"])) == {"task"}
+    # The freeform tool: its call is a custom_tool_call with a string input, streamed too.
+    events = _stream_events(
+        server.url, {**body, "tool_choice": {"type": "custom", "name": "apply_patch"}}
+    )
+    kinds = [e["type"] for e in events]
+    assert "response.custom_tool_call_input.done" in kinds
+    assert "response.function_call_arguments.delta" not in kinds
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    custom = next(i for i in done if i["type"] == "custom_tool_call")
+    assert custom["name"] == "apply_patch" and isinstance(custom["input"], str)
+    assert events[-1]["response"]["output"][-1] == custom
+    # The next turn sends the call and its output back, as Codex does.
+    follow = {
+        **body,
+        "tool_choice": "none",
+        "max_output_tokens": 4,
+        "input": [
+            *body["input"],
+            {
+                "type": "custom_tool_call",
+                "call_id": custom["call_id"],
+                "name": "apply_patch",
+                "input": custom["input"],
+            },
+            {"type": "custom_tool_call_output", "call_id": custom["call_id"], "output": "Done!"},
+            {
+                "type": "web_search_call",
+                "id": "ws_1",
+                "status": "completed",
+                "action": {"type": "search", "query": "x"},
+            },
+        ],
+    }
+    r = httpx.post(server.url + "/v1/responses", json=follow, headers=headers, timeout=300)
+    assert r.status_code == 200, r.text

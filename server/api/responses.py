@@ -18,13 +18,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from litestar import Controller, Response, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 
 from server.api.errors import OPENAI_ERRORS
 from server.api.openai import keep_alive_value
+from server.api.responses_tools import (
+    HOSTED_CALL_ITEMS,
+    ResponsesTools,
+    custom_arguments,
+    echo_tools,
+    parse_tools,
+)
 from server.api.schemas import PositiveInt, Probability, Temperature
 from server.api.sse import EventStream
 from server.chat_output import ChatOutput, ToolCall
@@ -41,7 +48,7 @@ from server.pipeline import (
     Sampling,
 )
 from server.runtime import Runtime
-from server.toolcalls import RESPONSES_NAMED_CHOICE, parse_responses_tools, parse_tool_choice
+from server.toolcalls import RESPONSES_NAMED_CHOICE, parse_tool_choice
 
 MAX_STORED = 1000
 MAX_STORED_BYTES = 64 * 1024 * 1024
@@ -135,6 +142,14 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     metadata: dict[str, Any] | None = None
     user: str | None = None
     keep_alive: str | int | float | None = None  # lmx extension: as Ollama's keep_alive
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # Echoed as given (the spec's response object carries them); lmx acts on none of them.
+    max_tool_calls: int | None = None
+    top_logprobs: int | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
 
 
 def _part_text(content: Any, where: str) -> str:
@@ -184,8 +199,13 @@ def input_messages(
                     "content": _part_text(item.get("content", ""), f"{where}.content"),
                 }
             )
-        elif kind == "function_call":
-            cid, name, args = item.get("call_id"), item.get("name"), item.get("arguments", "")
+        elif kind in ("function_call", "custom_tool_call"):
+            cid, name = item.get("call_id"), item.get("name")
+            if kind == "custom_tool_call":
+                text = item.get("input", "")
+                args: Any = custom_arguments(text) if isinstance(text, str) else text
+            else:
+                args = item.get("arguments", "")
             if not isinstance(cid, str) or not cid or not isinstance(name, str) or not name:
                 raise InvalidRequest(
                     f"Missing required parameter: '{where}.call_id' and '{where}.name'.",
@@ -203,7 +223,7 @@ def input_messages(
                 last["tool_calls"] = [*last["tool_calls"], call]
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             cid = item.get("call_id")
             if not isinstance(cid, str) or cid not in calls:
                 raise InvalidRequest(
@@ -222,12 +242,13 @@ def input_messages(
                     "content": text,
                 }
             )
-        elif kind == "reasoning":
-            continue  # earlier thinking is not shown to the model again
+        elif kind == "reasoning" or kind in HOSTED_CALL_ITEMS:
+            continue  # earlier thinking (and what a hosted tool did) is not shown again
         else:
             raise InvalidRequest(
                 f"Invalid '{where}.type': {kind!r} is not supported; lmx takes message, "
-                "function_call, function_call_output and reasoning items.",
+                "function_call, function_call_output, custom_tool_call, custom_tool_call_output "
+                "and reasoning items.",
                 param=f"{where}.type",
             )
     if not any(m.get("role") in ("user", "tool", "assistant") for m in out):
@@ -264,13 +285,19 @@ def _new_id(prefix: str) -> str:
 class _Builder:
     """The response object and its output items, as they grow."""
 
-    def __init__(self, body: ResponsesRequest, choice: Any, fmt: Any, model: str) -> None:
+    def __init__(
+        self, body: ResponsesRequest, choice: Any, fmt: Any, run: Run, tools: ResponsesTools
+    ) -> None:
         self.id = _new_id("resp")
         self.created = int(time.time())
         self.body = body
         self.choice = choice
         self.fmt = fmt
-        self.model = model
+        self.model = run.model_id
+        self.tools = tools
+        # What the reply was sampled with: the request's values, else its preset's or the
+        # engine's defaults (the spec's response says the values used, never null).
+        self.sampling = run.request.sampling.params()
         self.output: list[dict[str, Any]] = []
 
     def response(self, status: str, run: Run | None = None, **extra: Any) -> dict[str, Any]:
@@ -300,15 +327,24 @@ class _Builder:
             "previous_response_id": b.previous_response_id,
             "reasoning": {"effort": None, "summary": None},
             "store": b.store is not False,
-            "temperature": b.temperature,
+            "temperature": self.sampling.temperature,
             "text": {"format": self.fmt},
             "tool_choice": self.choice,
-            "tools": list(b.tools or []),
-            "top_p": b.top_p,
+            "tools": echo_tools(b.tools),
+            "top_p": self.sampling.top_p,
+            "presence_penalty": self.sampling.presence_penalty,
+            "frequency_penalty": self.sampling.frequency_penalty,
+            "top_logprobs": b.top_logprobs or 0,
+            "max_tool_calls": b.max_tool_calls,
             "truncation": "disabled",
             "usage": usage,
             "user": b.user,
             "metadata": b.metadata or {},
+            "background": False,
+            "service_tier": b.service_tier or "default",
+            "safety_identifier": b.safety_identifier,
+            "prompt_cache_key": b.prompt_cache_key,
+            "completed_at": int(time.time()) if status == "completed" else None,
             **extra,
         }
 
@@ -333,24 +369,20 @@ def message_item(text: str, status: str = "completed") -> dict[str, Any]:
     }
 
 
-def call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
-    return {
-        "type": "function_call",
-        "id": _new_id("fc"),
-        "call_id": call.id,
-        "name": call.name,
-        "arguments": call.arguments,
-        "status": status,
-    }
+def call_item(call: ToolCall, tools: ResponsesTools, status: str = "completed") -> dict[str, Any]:
+    prefix = "ctc" if call.name in tools.custom else "fc"
+    return tools.item(call, _new_id(prefix), status)
 
 
-def output_items(out: ChatOutput, status: str = "completed") -> list[dict[str, Any]]:
+def output_items(
+    out: ChatOutput, tools: ResponsesTools, status: str = "completed"
+) -> list[dict[str, Any]]:
     """The reply's items. Cut off by the limit, the item holding the cut text is `incomplete`,
     as OpenAI's: the message (a call cut in half is text in it), else the reasoning."""
     items = [reasoning_item(out.reasoning)] if out.reasoning else []
     if out.content or not out.tool_calls:
         items.append(message_item(out.content))
-    calls = [call_item(c) for c in out.tool_calls]
+    calls = [call_item(c, tools) for c in out.tool_calls]
     if status != "completed" and items:
         items[-1]["status"] = status
     return items + calls
@@ -374,6 +406,14 @@ def _ending(done: Done) -> tuple[str, dict[str, Any]]:
     return "completed", {}
 
 
+def _function_choice(raw: Any, tools: ResponsesTools) -> Any:
+    """A named custom tool (`{"type": "custom", "name"}`) is chosen as the function it is
+    offered as."""
+    if isinstance(raw, dict) and raw.get("type") == "custom" and raw.get("name") in tools.custom:
+        return {"type": "function", "name": raw["name"]}
+    return raw
+
+
 class ResponsesController(Controller):
     """OpenAI's Responses API over the generation pipeline."""
 
@@ -383,7 +423,11 @@ class ResponsesController(Controller):
 
     @post("/", status_code=200)
     async def create(
-        self, rt: NamedDependency[Runtime], state: State, data: JSONBody[ResponsesRequest]
+        self,
+        rt: NamedDependency[Runtime],
+        state: State,
+        request: Request[Any, Any, Any],
+        data: JSONBody[ResponsesRequest],
     ) -> Response[Any]:
         store = store_of(state)
         history: list[dict[str, Any]] = []
@@ -393,15 +437,23 @@ class ResponsesController(Controller):
                 raise not_found(data.previous_response_id, "previous_response_id")
             history = prev.messages
         messages = input_messages(data.input, history)
-        tools = parse_responses_tools(data.tools)
-        choice = parse_tool_choice(data.tool_choice, tools, named=RESPONSES_NAMED_CHOICE)
+        offered = parse_tools(data.tools, client=request.headers.get("user-agent", ""))
+        tools = offered.specs
+        choice = parse_tool_choice(
+            _function_choice(data.tool_choice, offered), tools, named=RESPONSES_NAMED_CHOICE
+        )
         json_mode, schema, fmt = _text_format(data.text)
         system = [{"role": "system", "content": data.instructions}] if data.instructions else []
         req = GenerateRequest(
             model=data.model,
             messages=system + messages,
             max_tokens=data.max_output_tokens,
-            sampling=Sampling(temperature=data.temperature, top_p=data.top_p),
+            sampling=Sampling(
+                temperature=data.temperature,
+                top_p=data.top_p,
+                presence_penalty=data.presence_penalty,
+                frequency_penalty=data.frequency_penalty,
+            ),
             json_mode=json_mode,
             json_schema=schema,
             tools=tools,
@@ -414,7 +466,7 @@ class ResponsesController(Controller):
         run = await rt.service.start(req)
         # Unset, OpenAI echoes "auto" (what it would be with tools), tools or not.
         echo: Any = data.tool_choice if data.tool_choice is not None else "auto"
-        builder = _Builder(data, echo, fmt, run.model_id)
+        builder = _Builder(data, echo, fmt, run, offered)
 
         def keep(response: dict[str, Any], out: ChatOutput) -> None:
             if data.store is not False:
@@ -427,7 +479,7 @@ class ResponsesController(Controller):
             raise failure
         out = result.outputs[0]
         status, extra = _ending(Done(0, result.finished[0]))
-        builder.output = output_items(out, status)
+        builder.output = output_items(out, offered, status)
         response = builder.response(status, run, **extra)
         keep(response, out)
         return Response(response)
@@ -497,6 +549,14 @@ async def _stream(run: Run, builder: _Builder, keep: Any) -> AsyncIterator[dict[
             out.append(
                 event("response.reasoning_text.done", **where(), content_index=0, text=whole)
             )
+        elif kind == "custom_tool_call":
+            # The input is known once the call's arguments are whole: one delta, then done.
+            call = ToolCall(item["call_id"], item["name"], whole)
+            done_item = call_item(call, builder.tools, status)
+            text_in = done_item["input"]
+            if text_in:
+                out.append(event("response.custom_tool_call_input.delta", **where(), delta=text_in))
+            out.append(event("response.custom_tool_call_input.done", **where(), input=text_in))
         else:
             done_item = {**item, "arguments": whole, "status": status}
             out.append(
@@ -542,12 +602,15 @@ async def _stream(run: Run, builder: _Builder, keep: Any) -> AsyncIterator[dict[
                     "response.reasoning_text.delta", **where(), content_index=0, delta=ev.text
                 )
             elif isinstance(ev, CallStart):
-                new = call_item(ToolCall(ev.id, ev.name, ""), "in_progress")
+                new = call_item(ToolCall(ev.id, ev.name, ""), builder.tools, "in_progress")
                 for e in open_item(new):
                     yield e
             elif isinstance(ev, CallDelta):
                 text.append(ev.arguments)
-                yield event("response.function_call_arguments.delta", **where(), delta=ev.arguments)
+                if item is not None and item["type"] == "function_call":
+                    yield event(
+                        "response.function_call_arguments.delta", **where(), delta=ev.arguments
+                    )
             elif isinstance(ev, CallEnd):
                 if ev.complete:
                     calls.append(ToolCall(ev.id, ev.name, ev.arguments))
