@@ -4,6 +4,7 @@ shapes against a real server and model. The real CLIs run in tests/test_agent_cl
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -355,3 +356,112 @@ def test_codex_tools_are_understood_and_the_hosted_ones_left_out(
     }
     r = httpx.post(server.url + "/v1/responses", json=follow, headers=headers, timeout=300)
     assert r.status_code == 200, r.text
+
+
+CHAT_WEATHER = {
+    "type": "function",
+    "function": {"name": WEATHER_FN["name"], "parameters": WEATHER_FN["parameters"]},
+}
+
+
+@pytest.mark.parametrize("choice", ["none", "required"])
+def test_an_empty_tool_calls_list_is_never_sent(server: ServerThread, choice: str) -> None:
+    # OpenCode stalls on `tool_calls: []` with finish_reason "tool_calls".
+    body = {
+        "model": SMOL,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [CHAT_WEATHER],
+        "tool_choice": choice,
+        "max_tokens": 40,
+    }
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=300).json()
+    msg, reason = r["choices"][0]["message"], r["choices"][0]["finish_reason"]
+    assert msg.get("tool_calls", None) != []
+    assert reason != "tool_calls" or msg["tool_calls"]
+    raw = _raw_stream(server.url, "/v1/chat/completions", {**body, "stream": True})
+    calls = 0
+    for frame in raw.decode().split("\n\n"):
+        if not frame.startswith("data: {"):
+            continue
+        for c in json.loads(frame[6:])["choices"]:
+            if "tool_calls" in c["delta"]:
+                assert c["delta"]["tool_calls"], frame
+                calls += 1
+            if c.get("finish_reason") == "tool_calls":
+                assert calls > 0
+
+
+LONG_TEXT = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "maxLength": 2000}},
+    "required": ["text"],
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "Write."}],
+                "tools": [{"type": "function", "function": {"name": "w", "parameters": LONG_TEXT}}],
+                "tool_choice": "required",
+                "max_tokens": 8,
+            },
+        ),
+        (
+            "/v1/messages",
+            {
+                "messages": [{"role": "user", "content": "Write."}],
+                "tools": [{"name": "w", "input_schema": LONG_TEXT}],
+                "tool_choice": {"type": "any"},
+                "max_tokens": 8,
+            },
+        ),
+        (
+            "/v1/responses",
+            {
+                "input": "Write.",
+                "tools": [{"type": "function", "name": "w", "parameters": LONG_TEXT}],
+                "tool_choice": "required",
+                "max_output_tokens": 8,
+            },
+        ),
+    ],
+)
+def test_a_tool_with_a_2000_character_string_is_served(
+    server: ServerThread, path: str, body: dict[str, Any]
+) -> None:
+    # It used to be refused as "The grammar for this response_format is invalid" though the
+    # request had no response_format.
+    r = httpx.post(server.url + path, json={"model": SMOL, **body}, timeout=300)
+    assert r.status_code == 200, r.text
+
+
+def test_a_prompt_over_the_context_gets_each_dialects_error_with_both_numbers(
+    server: ServerThread,
+) -> None:
+    long = "word " * 5000
+    user = [{"role": "user", "content": long}]
+    # Claude Code compacts its conversation when the error says "prompt is too long".
+    r = httpx.post(
+        server.url + "/v1/messages",
+        json={"model": SMOL, "max_tokens": 4, "messages": user},
+        headers={"anthropic-version": "2023-06-01"},
+        timeout=120,
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error"
+    assert re.fullmatch(r"prompt is too long: \d{4,} tokens > 2048 maximum\..*", err["message"])
+    r = httpx.post(server.url + "/v1/responses", json={"model": SMOL, "input": long}, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "2048" in r.json()["error"]["message"]
+    r = httpx.post(
+        server.url + "/api/chat",
+        json={"model": SMOL, "messages": user, "stream": False},
+        timeout=120,
+    )
+    assert r.status_code == 400 and "2048" in r.json()["error"], r.text
+    assert re.search(r"\b\d{4,} tokens", r.json()["error"])

@@ -24,7 +24,7 @@ from server.api.errors import handlers
 from server.api.schemas import PositiveInt, Probability, TopK
 from server.api.sse import EventStream
 from server.chat_output import ChatOutput
-from server.errors import InvalidRequest
+from server.errors import ContextOverflow, InvalidRequest, LmxError
 from server.pipeline import (
     CallDelta,
     CallEnd,
@@ -67,7 +67,18 @@ def anthropic_shape(
     }
 
 
-ANTHROPIC_ERRORS = handlers(anthropic_shape)
+def anthropic_phrase(exc: LmxError) -> str | None:
+    """Anthropic's words for a prompt over the context, which Claude Code reads to compact the
+    conversation: `prompt is too long: N tokens > M maximum`."""
+    if isinstance(exc, ContextOverflow):
+        return (
+            f"prompt is too long: {exc.prompt_tokens} tokens > {exc.limit} maximum. "
+            "Shorten the conversation, or load the model with a larger context."
+        )
+    return None
+
+
+ANTHROPIC_ERRORS = handlers(anthropic_shape, anthropic_phrase)
 
 
 class InputMessage(msgspec.Struct, kw_only=True):

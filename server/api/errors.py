@@ -94,8 +94,11 @@ def describe_validation(exc: ValidationException) -> tuple[str, str | None]:
     return str(exc.detail or "Invalid request"), None
 
 
-def handlers(shape: Shape) -> ExceptionHandlersMap:
-    """Exception handlers that answer in `shape`'s dialect."""
+def handlers(
+    shape: Shape, phrase: Callable[[LmxError], str | None] | None = None
+) -> ExceptionHandlersMap:
+    """Exception handlers that answer in `shape`'s dialect; `phrase` words an error as the
+    dialect's clients look for it (None: the error's own message)."""
 
     def respond(
         status: int,
@@ -112,7 +115,8 @@ def handlers(shape: Shape) -> ExceptionHandlersMap:
     def lmx_error(request: Request[Any, Any, Any], exc: LmxError) -> Response[Any]:
         _record(request, exc.status)
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-        return respond(exc.status, exc.message, exc.type, exc.code, exc.param, headers)
+        message = (phrase(exc) if phrase is not None else None) or exc.message
+        return respond(exc.status, message, exc.type, exc.code, exc.param, headers)
 
     def validation_error(
         request: Request[Any, Any, Any], exc: ValidationException
