@@ -313,9 +313,31 @@ def template_takes_tools(template: str | ChatTemplate) -> bool:
     return t.caps.tools
 
 
+# Schema keys that tell a model nothing the grammar does not already hold it to.
+_NOISE = ("$schema", "$id", "$comment")
+
+
+def _lean(value: Any) -> Any:
+    """A tool's brief without the schema noise: `$schema`, and `additionalProperties: false`
+    (the grammar writes only the listed keys)."""
+    if isinstance(value, dict):
+        return {
+            k: _lean(v)
+            for k, v in value.items()
+            if k not in _NOISE and not (k == "additionalProperties" and v is False)
+        }
+    if isinstance(value, list):
+        return [_lean(v) for v in value]
+    return value
+
+
 def generic_tool_prompt(tools: Sequence[ToolSpec], choice: ToolChoice, parallel: bool) -> str:
     """System text for a model whose template knows no tools: the tools and the reply shape."""
-    listing = json.dumps([t.brief() for t in tools], ensure_ascii=False, indent=2)
+    # One line of compact JSON per tool: Claude Code's tools as indented JSON cost more tokens
+    # than the rest of its prompt; the grammar, not the listing, holds the exact shape.
+    listing = "\n".join(
+        json.dumps(_lean(t.brief()), ensure_ascii=False, separators=(",", ":")) for t in tools
+    )
     call = '{"name": "<function name>", "arguments": {<arguments as JSON>}}'
     calls = f'{{"tool_calls": [{call}{", ..." if parallel else ""}]}}'
     lines = [

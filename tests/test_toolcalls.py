@@ -524,7 +524,7 @@ def test_plans(smol_template: str) -> None:
     assert auto_generic.grammar and "response" in auto_generic.grammar
     prompt = auto_generic.prepare_messages([{"role": "user", "content": "Hi"}])
     assert (
-        '"name": "get_weather"' in prompt[0]["content"]
+        '"name":"get_weather"' in prompt[0]["content"]
         and '{"tool_calls": [' in prompt[0]["content"]
     )
     assert plan_tool_calls(tools, AUTO, template=None).parse_format == "generic"
@@ -712,3 +712,21 @@ def test_schemas_without_constraints_accept_any_value() -> None:
     assert rules["tool0-arguments-args"] == rules["tool0-arguments-extra"] == "value"
     assert rules["tool1-arguments"] == "object"
     assert rules["args"] == "value" and "root ::= object" in grammars[2]
+
+
+def test_the_tool_listing_for_a_template_without_tools_is_compact() -> None:
+    # Claude Code's tools as indented JSON doubled its prompt on such a model: one line of
+    # compact JSON per tool, without the schema noise the grammar makes needless.
+    from pathlib import Path
+
+    from server.toolcalls import generic_tool_prompt, parse_anthropic_tools
+
+    raw = json.loads((Path(__file__).parent / "claude_code_tools.json").read_text())
+    tools = parse_anthropic_tools(raw)
+    text = generic_tool_prompt(tools, AUTO, True)
+    indented = json.dumps([t.brief() for t in tools], ensure_ascii=False, indent=2)
+    assert len(text) < 0.75 * len(indented)
+    lines = [ln for ln in text.splitlines() if ln.startswith('{"name":')]
+    assert len(lines) == len(tools)
+    assert all(json.loads(ln)["name"] == t.name for ln, t in zip(lines, tools, strict=True))
+    assert "$schema" not in text and '"additionalProperties":false' not in text
