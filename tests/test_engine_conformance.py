@@ -248,6 +248,21 @@ def test_structured_output_is_enforced(engine: Engine) -> None:
     assert isinstance(json.loads(text)["name"], str)
 
 
+def test_a_grammar_holds_hot_sampling_from_the_whole_vocabulary(engine: Engine) -> None:
+    # The chain picks first and the grammar checks that one token (as llama.cpp's server
+    # does); at temperature 2 over every token most picks are turned down and made again,
+    # some with none of the most likely tokens allowed: the reply still follows the grammar.
+    import re
+
+    grammar = 'root ::= ("yes" | "no") " " [0-9] [0-9]? [0-9]?'
+    chat = engine.format_chat([{"role": "user", "content": "Tell me a story."}])
+    for seed in range(4):
+        hot = SamplingParams(temperature=2.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed)
+        text, fin = run(engine, GenerationRequest(chat, 8, hot, grammar=grammar))
+        assert re.fullmatch(r"(yes|no) [0-9]{1,3}", text), text
+        assert fin.reason in ("stop", "length")
+
+
 def test_bad_requests_are_refused_at_submit(engine: Engine) -> None:
     p = prompt(engine)
     with pytest.raises(InvalidRequest) as e:

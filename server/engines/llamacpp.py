@@ -38,6 +38,7 @@ from server.engines.base import (
     emit_text,
     finish_job,
 )
+from server.engines.llama_sampling import GrammarSampler
 from server.engines.prefix_store import PrefixMatch
 from server.errors import EngineFailure, InvalidRequest, QueueFull
 
@@ -125,11 +126,18 @@ def _quiet_logger(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         log.warning("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
 
 
+def _free_samplers(job: _Job) -> None:
+    llama_cpp.llama_sampler_free(job.sampler)
+    if job.grammar is not None:
+        llama_cpp.llama_sampler_free(job.grammar)
+
+
 @dataclass
 class _Job:
     gen: Generation
-    sampler: Any  # llama_sampler_p
+    sampler: Any  # llama_sampler_p: the chain (penalties, bias, top-k ... dist)
     queued_at: float
+    grammar: Any = None  # llama_sampler_p: checked on the chain's pick (see llama_sampling)
     started_at: float = 0.0
     first_token_at: float = 0.0
     pending: list[int] = field(default_factory=list)  # prompt tokens not yet decoded
@@ -274,6 +282,7 @@ class LlamaCppEngine:
         self._bos_text = self._token_text(llama_cpp.llama_vocab_bos(self._vocab))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)]
+        self._grammar_sampler = GrammarSampler(self.n_vocab)
         self._thread = threading.Thread(
             target=self._run, name=f"decode:{self.info.id}", daemon=True
         )
@@ -368,15 +377,15 @@ class LlamaCppEngine:
     def submit(self, request: GenerationRequest, sink: Sink) -> Generation:
         """Queue a request; events go to `sink` from the decode thread."""
         gen = Generation(request, sink)
-        sampler = self._make_sampler(request)
-        job = _Job(gen=gen, sampler=sampler, queued_at=time.perf_counter())
+        sampler, grammar = self._make_sampler(request)
+        job = _Job(gen=gen, sampler=sampler, grammar=grammar, queued_at=time.perf_counter())
         with self._cond:
             if self._closing:
-                llama_cpp.llama_sampler_free(sampler)
+                _free_samplers(job)
                 raise EngineFailure(f"{self.info.id} is unloading")
             busy = sum(1 for s in self._slots if s.job is not None)
             if busy >= len(self._slots) and len(self._pending) >= self.options.max_queue:
-                llama_cpp.llama_sampler_free(sampler)
+                _free_samplers(job)
                 raise QueueFull(
                     f"{self.info.id}: all {len(self._slots)} slots are busy and "
                     f"{len(self._pending)} requests are waiting; retry shortly."
@@ -386,7 +395,8 @@ class LlamaCppEngine:
             self._cond.notify()
         return gen
 
-    def _make_sampler(self, req: GenerationRequest) -> Any:
+    def _make_sampler(self, req: GenerationRequest) -> tuple[Any, Any]:
+        """The sampler chain, and the grammar (None: none) checked apart from it."""
         sp = req.sampling
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
@@ -415,17 +425,17 @@ class LlamaCppEngine:
             for k, (tok, b) in enumerate(bias.items()):
                 arr[k].token, arr[k].bias = tok, b  # type: ignore[assignment]
             add(chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(bias), arr))
+        grammar = None
         if req.grammar is not None:
-            g = llama_cpp.llama_sampler_init_grammar(
+            grammar = llama_cpp.llama_sampler_init_grammar(
                 self._vocab, req.grammar.encode("utf-8"), b"root"
             )
-            if not g:
+            if not grammar:
                 llama_cpp.llama_sampler_free(chain)
                 raise InvalidRequest(
                     f"llama.cpp could not parse the grammar made from {req.grammar_param}.",
                     param=req.grammar_param,
                 )
-            add(chain, g)
         if sp.temperature <= 0:
             add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
@@ -436,7 +446,7 @@ class LlamaCppEngine:
             add(chain, llama_cpp.llama_sampler_init_min_p(sp.min_p, 1))
             add(chain, llama_cpp.llama_sampler_init_temp(sp.temperature))
             add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return chain
+        return chain, grammar
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
@@ -523,7 +533,7 @@ class LlamaCppEngine:
         return self.failure is None
 
     def _finish_unstarted(self, job: _Job) -> None:
-        llama_cpp.llama_sampler_free(job.sampler)
+        _free_samplers(job)
         self.finished["cancelled"] += 1
         job.gen.emit(Finished("cancelled", len(job.gen.request.prompt_tokens), 0))
 
@@ -882,7 +892,10 @@ class LlamaCppEngine:
     def _sample(self, slot: _Slot, i: int, now: float) -> None:
         job = slot.job
         assert job is not None
-        tok = llama_cpp.llama_sampler_sample(job.sampler, self._ctx, i)
+        if job.grammar is not None:
+            tok = self._grammar_sampler.sample(job.sampler, job.grammar, self._ctx, i)
+        else:
+            tok = llama_cpp.llama_sampler_sample(job.sampler, self._ctx, i)
         if not job.first_token_at:
             job.first_token_at = job.gen.progress.first_token_at = now
         if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
@@ -904,7 +917,7 @@ class LlamaCppEngine:
         assert job is not None
         slot.job = None
         slot.last_used = time.perf_counter()
-        llama_cpp.llama_sampler_free(job.sampler)
+        _free_samplers(job)
         if job.pending:  # cancelled mid-prefill: drop the partial prompt from the cache
             keep = len(slot.tokens)
             llama_cpp.llama_memory_seq_rm(self._mem, slot.seq, keep, -1)
@@ -922,7 +935,7 @@ class LlamaCppEngine:
                 if slot.job:
                     self._finish(slot, "error", message)
             for job in self._pending:
-                llama_cpp.llama_sampler_free(job.sampler)
+                _free_samplers(job)
                 job.gen.emit(
                     Finished("error", len(job.gen.request.prompt_tokens), 0, error=message)
                 )
