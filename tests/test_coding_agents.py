@@ -465,3 +465,50 @@ def test_a_prompt_over_the_context_gets_each_dialects_error_with_both_numbers(
     )
     assert r.status_code == 400 and "2048" in r.json()["error"], r.text
     assert re.search(r"\b\d{4,} tokens", r.json()["error"])
+
+
+def test_a_fan_out_of_subagents_does_not_cost_the_parent_its_prefix() -> None:
+    # Claude Code's Task tool starts subagents (their own x-claude-code-agent-id and system
+    # prompt) while the parent waits: three of them on two slots take the parent's slot too.
+    # Its prefix is kept aside and comes back: the parent's next turn computes only what is new.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def turn(url: str, system: str, messages: list[dict[str, Any]], agent: str) -> dict[str, Any]:
+        r = httpx.post(
+            url + "/v1/messages?beta=true",
+            json={"model": SMOL, "max_tokens": 2, "system": system, "messages": messages},
+            headers={"anthropic-version": "2023-06-01", "x-claude-code-agent-id": agent},
+            timeout=300,
+        )
+        assert r.status_code == 200, r.text
+        usage: dict[str, Any] = r.json()["usage"]
+        return usage
+
+    rt = Runtime(make_config(parallel=2))
+    try:
+        with ServerThread(rt) as srv:
+            parent = "You are the lead agent. Plan the work, then delegate it. " * 30
+            first = [{"role": "user", "content": "Fix the failing tests."}]
+            before = turn(srv.url, parent, first, "lead")
+            with ThreadPoolExecutor(3) as pool:
+                subs = [
+                    pool.submit(
+                        turn,
+                        srv.url,
+                        f"You are subagent {k}. Search the code for test {k}. " * 30,
+                        [{"role": "user", "content": f"Find test {k}."}],
+                        f"sub-{k}",
+                    )
+                    for k in range(3)
+                ]
+                assert all(f.result()["output_tokens"] >= 0 for f in subs)
+            again = [
+                *first,
+                {"role": "assistant", "content": "I asked three subagents."},
+                {"role": "user", "content": "They found it."},
+            ]
+            after = turn(srv.url, parent, again, "lead")
+            prompt = before["input_tokens"] + before["cache_read_input_tokens"]
+            assert after["cache_read_input_tokens"] >= prompt - 8, (before, after)
+    finally:
+        rt.close()
