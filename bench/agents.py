@@ -229,16 +229,36 @@ def tools_scenario(url: str, model: str, n: int) -> None:
 # ----- agent sessions -------------------------------------------------------------------------
 
 
+PROMPT_TOKENS: list[int] = []  # each turn's prompt, as the server counted it
+
+
 def _stream_ttft(url: str, path: str, body: dict[str, Any], headers: dict[str, str]) -> float:
     t0 = time.perf_counter()
     first: float | None = None
+    prompt = 0
     with httpx.stream("POST", url + path, json=body, headers=headers, timeout=900) as r:
         if r.status_code != 200:
             raise SystemExit(f"{path}: HTTP {r.status_code}: {r.read()[:300]!r}")
         for line in r.iter_lines():
-            if first is None and line.startswith("data: ") and _is_output(line[6:]):
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if first is None and _is_output(line[6:]):
                 first = time.perf_counter()
+            prompt = max(prompt, _prompt_tokens(json.loads(line[6:])))
+    PROMPT_TOKENS.append(prompt)
     return (first or time.perf_counter()) - t0
+
+
+def _prompt_tokens(ev: dict[str, Any]) -> int:
+    usage = (
+        ev.get("usage")
+        or (ev.get("message") or {}).get("usage")
+        or (ev.get("response") or {}).get("usage")
+        or {}
+    )
+    n = usage.get("prompt_tokens") or usage.get("input_tokens") or 0
+    n += usage.get("cache_read_input_tokens") or 0  # Anthropic counts the cached part apart
+    return int(n)
 
 
 def _is_output(data: str) -> bool:
@@ -343,6 +363,7 @@ def codex_turns(url: str, model: str, turns: int, responses: bool) -> list[float
                 ],
                 "tool_choice": "auto",
                 "stream": True,
+                "stream_options": {"include_usage": True},
                 "max_tokens": 16,
                 "temperature": 0,
             }
@@ -373,9 +394,10 @@ def codex_turns(url: str, model: str, turns: int, responses: bool) -> list[float
 
 def report(name: str, ttfts: list[float]) -> float:
     first, later = ttfts[0], statistics.median(ttfts[1:])
+    tokens = PROMPT_TOKENS[-len(ttfts) :]
     print(
-        f"  {name:13s} turn 1 {first:6.2f} s   turns 2..{len(ttfts)} median {later:6.2f} s"
-        f"   later/first {later / first:.2f}"
+        f"  {name:13s} turn 1 {first:6.2f} s ({tokens[0]} tokens)   turns 2..{len(ttfts)} "
+        f"median {later:6.2f} s (to {tokens[-1]} tokens)   later/first {later / first:.2f}"
     )
     return later
 
