@@ -413,6 +413,7 @@ def main() -> None:
     ap.add_argument("--replies", type=int, default=4, help="replies per decode measurement")
     ap.add_argument("--scenarios", default="tools,claude,codex")
     ap.add_argument("--max-waits", type=int, default=30)
+    ap.add_argument("--lmx-args", default="", help="more lmx flags, e.g. --no-batch-invariant")
     args = ap.parse_args()
     model = args.model or _default_model()
     scenarios = args.scenarios.split(",")
@@ -435,6 +436,7 @@ def main() -> None:
         str(args.ctx),
         "--log-level",
         "warning",
+        *args.lmx_args.split(),
     ]
     ttft: dict[str, dict[str, float]] = {}
     wait_idle(args.max_waits)
