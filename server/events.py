@@ -15,9 +15,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LmxEvent:
-    """Something happened. `kind`: loading, loaded, load_failed, unloaded, evicted, expired,
-    engine_failed, reconfigured, pinned, unpinned, removed, config_reloaded, config_error,
-    download_{queued,progress,done,failed,cancelled,paused}."""
+    """Something happened. `kind`: loading, load_waiting, loaded, load_failed, unloaded (its
+    `reason`: expired, unloaded, ...), evicted, engine_failed, reconfigured, pinned, unpinned,
+    removed, config_reloaded, config_error, download_{queued,progress,done,failed,cancelled,
+    paused}."""
 
     kind: str
     model: str

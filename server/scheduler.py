@@ -3,11 +3,12 @@
 One condition variable guards the loaded map. A request takes a `Lease` (loading the model
 first if needed); a leased model is never evicted. Loads are admitted one at a time against
 the memory budget (per device) and the loaded-model cap, evicting idle models least recently
-used first; a load that needs busy models gone waits on the condition (never a sleep loop)
-until `load_timeout`. keep_alive, dead engines and models whose settings changed are handled
+used first; a load that needs busy models gone waits on the condition until `load_timeout`,
+waking at least every 0.5 s (a busy model turns idle when its engine finishes its last step,
+which nothing announces). keep_alive, dead engines and models whose settings changed are handled
 by `tick()`, which a background thread runs whenever the next deadline is due or something is
-released. The engine factory and the clock are injected, so the policy is tested with a fake
-engine on virtual time.
+released (and at least every second, for the same reason). The engine factory and the clock
+are injected, so the policy is tested with a fake engine on virtual time.
 
 Model states and the transitions allowed between them (as llama-swap's process states):
 
