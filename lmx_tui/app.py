@@ -412,7 +412,8 @@ class LmxApp(App[None]):
         self.push_screen(HelpScreen(rows))
 
     def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
+        # Textual's "Keys" panel would be a second, lesser help: F1's lists every key.
+        yield from (c for c in super().get_system_commands(screen) if c.title != "Keys")
         for tab_id, title in TABS:
             yield SystemCommand(
                 f"Show {title}", f"Switch to the {title} tab", lambda t=tab_id: self.action_tab(t)

@@ -38,8 +38,41 @@ class CliError(Exception):
     """A user mistake or an unreachable thing: printed as one line, exit status 2."""
 
 
-def _settings_flags(p: argparse.ArgumentParser) -> None:
-    """Every setting that has a flag, from the settings table."""
+class Parser(argparse.ArgumentParser):
+    """A bad command line is one line, as every other lmx error: the usage is one --help away."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# The settings each command reads. The server (`lmx`, `lmx --no-ui`) reads them all; a
+# command that talks to a running server reads only how to reach it, plus what it does
+# in-process when none answers.
+_REACH = ("host", "port", "api_key", "admin_key", "tls_cert")
+_FIND = ("model_dirs", "upstream")
+_PLACE = (
+    "ctx",
+    "parallel",
+    "threads",
+    "gpu_layers",
+    "main_gpu",
+    "cache_type_k",
+    "cache_type_v",
+    "batch_invariant",
+    "max_memory",
+)
+_REACH_HELP = {
+    "host": "the running lmx server to talk to (default 127.0.0.1; LMX_HOST may be a URL)",
+    "port": "its port (default 8421)",
+    "api_key": "the key to send to it, when it needs one",
+    "admin_key": "its admin key, sent instead of --api-key",
+    "tls_cert": "its certificate: it serves HTTPS, and this certificate is trusted",
+}
+
+
+def _settings_flags(p: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """The settings that have a flag, from the settings table: all of them, or `only` these
+    (then host, port and the certificate are those of the server the command talks to)."""
     p.add_argument(
         "--config",
         type=Path,
@@ -47,9 +80,10 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
         help="TOML config file (default: $LMX_CONFIG or ~/.config/lmx/config.toml)",
     )
     for s in SETTINGS:
-        if s.flag is None:
+        if s.flag is None or (only is not None and s.name not in only):
             continue
-        kw: dict[str, Any] = {"dest": s.name, "help": s.help, "default": None}
+        help_text = _REACH_HELP.get(s.name, s.help) if only is not None else s.help
+        kw: dict[str, Any] = {"dest": s.name, "help": help_text, "default": None}
         if s.kind == "paths":
             kw.update(action="append", metavar="DIR")
         elif s.kind == "strs":
@@ -72,7 +106,7 @@ def _settings_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lmx",
         description="Local LLM server manager. Without a command: the terminal app and the "
         "API server together.",
@@ -106,25 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="memory each model needs (at --ctx/--parallel) and whether it fits",
     )
-    _settings_flags(ls)
+    _settings_flags(ls, (*_REACH, *_FIND, *_PLACE))
     ps = sub.add_parser("ps", help="models loaded by the running server")
     ps.add_argument("--json", action="store_true", help="machine-readable output")
-    _settings_flags(ps)
+    _settings_flags(ps, _REACH)
     stop = sub.add_parser("stop", help="unload a model from the running server")
     stop.add_argument("model")
-    _settings_flags(stop)
+    _settings_flags(stop, _REACH)
     se = sub.add_parser("search", help="search the Hugging Face hub for GGUF models")
     se.add_argument("text")
     se.add_argument("--sort", choices=["downloads", "likes"], default="downloads")
     se.add_argument("--files", metavar="REPO", help="list one repository's GGUF files instead")
-    _settings_flags(se)
+    _settings_flags(se, ("max_memory",))
     pull = sub.add_parser("pull", help="download a model: REPO[:QUANT] (resumable, verified)")
     pull.add_argument("ref", metavar="REPO[:QUANT]")
     pull.add_argument("--file", help="a file of the repository instead of a quantization")
-    _settings_flags(pull)
+    _settings_flags(pull, (*_REACH, "max_memory"))
     rm = sub.add_parser("rm", help="delete a downloaded model (Hugging Face cache)")
     rm.add_argument("model")
-    _settings_flags(rm)
+    _settings_flags(rm, (*_REACH, "model_dirs"))
     run = sub.add_parser("run", help="answer one prompt with a model, streamed to stdout")
     run.add_argument("model", help="model id, unique prefix, alias, preset or 'default'")
     run.add_argument("prompt", help="the user message ('-' reads standard input)")
@@ -132,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-tokens", type=int, default=512)
     run.add_argument("--temperature", type=float, default=0.8)
     run.add_argument("--seed", type=int)
-    _settings_flags(run)
+    _settings_flags(run, (*_REACH, *_FIND, *_PLACE))
     return parser
 
 
@@ -423,9 +457,18 @@ def _ago(seconds: float) -> str:
 
 def cmd_stop(settings: Settings, model: str) -> None:
     with _need_server(settings) as client:
-        # Ollama's own way to unload: an empty generate with keep_alive 0.
+        before = _loaded_ids(client)
+        # Ollama's own way to unload: an empty generate with keep_alive 0. It names no model
+        # id in a path, as ids with a slash (repo/file) would need.
         client.post("/api/generate", {"model": model, "keep_alive": 0})
-    print(f"stopped {model}")
+        stopped = before - _loaded_ids(client)
+    if not stopped:
+        raise CliError(f"{model} is not loaded")
+    print(f"stopped {', '.join(sorted(stopped))}")
+
+
+def _loaded_ids(client: Any) -> set[str]:
+    return {m["id"] for m in client.models() if m.get("state") not in (None, "available")}
 
 
 # ----- lmx run -------------------------------------------------------------------------------
@@ -557,10 +600,15 @@ def cmd_search(settings: Settings, args: argparse.Namespace) -> None:
             if listing["recommended"]:
                 print(f"\n* recommended: lmx pull {args.files} --file {listing['recommended']}")
             return
-        for r in hub.search(args.text, sort=args.sort):
-            print(f"{r['id']:<60} {r['downloads']:>10} downloads {r['likes']:>6} likes")
+        found = hub.search(args.text, sort=args.sort)
     except LookupError as e:
         raise CliError(str(e)) from e
+    if not found:
+        # As grep: no match is said, and is status 1 (an error is 2).
+        print(f"lmx: no GGUF repositories match {args.text!r}", file=sys.stderr)
+        raise SystemExit(1)
+    for r in found:
+        print(f"{r['id']:<60} {r['downloads']:>10} downloads {r['likes']:>6} likes")
 
 
 def _progress(repo: str, jobs: list[dict[str, Any]]) -> None:

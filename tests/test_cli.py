@@ -103,6 +103,37 @@ def test_user_errors_are_one_line_and_exit_2(args: list[str], message: str) -> N
     assert len(lines) == 1 and lines[0].startswith("lmx: error:") and message in lines[0], r.stderr
 
 
+def test_a_bad_flag_is_one_line_not_the_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main
+
+    for argv in (["--bogus"], ["pull"], ["ls", "--nope"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "error:" in lines[0] and "--help" in lines[0], lines
+
+
+@pytest.mark.parametrize("command", ["pull", "rm", "run", "ps", "stop", "search", "ls"])
+def test_a_commands_help_lists_only_the_flags_it_uses(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for server_only in ("--tls-key", "--cors-origin", "--api-key-file", "--key-max-tokens"):
+        assert server_only not in text
+    talks_to_a_server = command != "search"
+    assert ("--host" in text) is talks_to_a_server
+    assert ("--port" in text) is talks_to_a_server
+    if talks_to_a_server:
+        assert "address to listen on" not in text  # it is the server's address it talks to
+    assert ("--ctx" in text) is (command in ("run", "ls"))
+
+
 def test_bad_config_names_the_line(tmp_path: Path) -> None:
     cfg = tmp_path / "lmx.toml"
     cfg.write_text("port = 9000\n[models\nctx = 1\n")
@@ -223,8 +254,11 @@ def test_cli_talks_to_the_running_server() -> None:
         ls = lmx("ls", env=env)
         assert ls.returncode == 0 and re.search(rf"{re.escape(MODEL)}\s.*\sready", ls.stdout)
         r = lmx("stop", "smollm2", env=env)
-        assert r.returncode == 0, r.stderr
+        assert r.returncode == 0 and r.stdout.strip() == f"stopped {MODEL}", r.stderr
         assert lmx("ps", env=env).stdout.strip() == "no models loaded"
+        r = lmx("stop", "default", env=env)  # nothing to stop: says so, and fails
+        assert r.returncode != 0 and not r.stdout
+        assert r.stderr.strip() == "lmx: error: default is not loaded", r.stderr
         bad = lmx("run", "no-such-model", "hi", env=env)
         assert bad.returncode == 2 and "no-such-model" in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1

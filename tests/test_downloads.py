@@ -153,6 +153,9 @@ def lmx(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
 def test_cli_search_pull_ls_rm(hub: FakeHub, tmp_path: Path) -> None:
     r = lmx("search", "smollm2", home=tmp_path)
     assert r.returncode == 0 and REPO in r.stdout
+    r = lmx("search", "nothingmatches", home=tmp_path)  # as grep: says so, and fails
+    assert r.returncode == 1 and not r.stdout
+    assert r.stderr.strip() == "lmx: no GGUF repositories match 'nothingmatches'"
     r = lmx("search", "x", "--files", "someone/Big-Model-GGUF", home=tmp_path)
     assert "* big-model-IQ4_XS.gguf" in r.stdout and "too big" in r.stdout
     r = lmx("pull", f"{REPO}:Q4_1", home=tmp_path)
