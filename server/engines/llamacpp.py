@@ -282,7 +282,7 @@ class LlamaCppEngine:
         self._bos_text = self._token_text(llama_cpp.llama_vocab_bos(self._vocab))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)]
-        self._grammar_sampler = GrammarSampler(self.n_vocab)
+        self._grammar_sampler: GrammarSampler | None = None  # its buffers: on the first grammar
         self._thread = threading.Thread(
             target=self._run, name=f"decode:{self.info.id}", daemon=True
         )
@@ -893,6 +893,8 @@ class LlamaCppEngine:
         job = slot.job
         assert job is not None
         if job.grammar is not None:
+            if self._grammar_sampler is None:
+                self._grammar_sampler = GrammarSampler(self.n_vocab)
             tok = self._grammar_sampler.sample(job.sampler, job.grammar, self._ctx, i)
         else:
             tok = llama_cpp.llama_sampler_sample(job.sampler, self._ctx, i)
