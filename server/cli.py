@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from server import __version__
+from server.launch import AGENTS
 from server.settings import (
     SETTINGS,
     ConfigError,
@@ -167,6 +168,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--temperature", type=float, default=0.8)
     run.add_argument("--seed", type=int)
     _settings_flags(run, (*_REACH, *_FIND, *_PLACE))
+    la = sub.add_parser(
+        "launch",
+        help="start a coding agent on lmx: claude, codex, opencode or aider",
+        description="Start a coding agent against the running lmx (one is started for the "
+        "session when none answers), with its base URL, key and model set, the model loaded "
+        "with the context the agent needs, and nothing written over the agent's own config. "
+        "Arguments after `--` go to the agent.",
+    )
+    la.add_argument("agent", choices=sorted(AGENTS), metavar="AGENT", help=", ".join(AGENTS))
+    la.add_argument("--model", help="model id, unique prefix or alias (default: 'default')")
+    la.add_argument(
+        "--ctx",
+        dest="agent_ctx",
+        type=int,
+        metavar="N",
+        help="the context to load the model with (default: what the agent needs)",
+    )
+    la.add_argument(
+        "--print",
+        action="store_true",
+        help="print the environment, config and command instead of starting the agent",
+    )
+    _settings_flags(la, (*_REACH, *_FIND))
     return parser
 
 
@@ -209,7 +233,13 @@ def main(
     from server.errors import LmxError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    # `lmx launch AGENT ... -- ARGS`: what follows `--` is the agent's, never lmx's.
+    cut = argv.index("--") if "--" in argv else len(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv[:cut])
+    args.agent_args = argv[cut + 1 :]
+    if args.agent_args and args.command != "launch":
+        parser.error(f"unrecognized arguments: {' '.join(argv[cut:])}")
     try:
         config = load_config(args)
         settings = config.current
@@ -234,6 +264,12 @@ def main(
             cmd_pull(config, args)
         elif cmd == "rm":
             cmd_rm(config, args.model)
+        elif cmd == "launch":
+            from server import launch
+
+            raise SystemExit(
+                launch.run(config, args, launch.forward_flags(args, (*_REACH, *_FIND)))
+            )
         elif args.no_ui:
             cmd_serve(config, args.log_level)
         elif args.web:

@@ -11,6 +11,7 @@ import json
 import ssl
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -83,6 +84,24 @@ class LmxClient:
         if r.status_code >= 400:
             raise ServerError(_error_text(r.read(), r.status_code))
         return r.json() if r.content else None
+
+    def load(self, model: str, ctx: int | None = None) -> dict[str, Any]:
+        """Load `model` (with this context), waiting for it: the server's `loaded` event."""
+        path = f"/admin/models/{quote(model, safe='')}/load"
+        params = {"ctx": ctx} if ctx else None
+        event = ""
+        with self.http.stream("POST", path, params=params) as r:
+            if r.status_code >= 400:
+                raise ServerError(_error_text(r.read(), r.status_code))
+            for line in r.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:") and event in ("loaded", "error"):
+                    data = json.loads(line[5:])
+                    if event == "error":
+                        raise ServerError(str(data.get("error", "the load failed")))
+                    return dict(data)
+        raise ServerError(f"the server ended the load of {model} without an answer")
 
     def models(self) -> list[dict[str, Any]]:
         return list(self.get("/admin/models")["models"])

@@ -111,14 +111,17 @@ class AdminController(Controller):
 
     @post("/models/{model_id:str}/load", status_code=200)
     async def load(
-        self, models: NamedDependency[ModelService], model_id: FromPath[str]
+        self,
+        models: NamedDependency[ModelService],
+        model_id: FromPath[str],
+        ctx: Annotated[int | None, Parameter(ge=64, le=1_048_576)] = None,
     ) -> EventStream:
         info = models.resolve(model_id)  # unknown names fail here, as a plain 404
 
         async def events() -> AsyncIterator[ServerSentEventMessage]:
-            yield _sse("loading", {"model": info.id, "estimate": models.estimate(info)})
+            yield _sse("loading", {"model": info.id, "estimate": models.estimate(info, ctx)})
             try:
-                lm = await asyncio.to_thread(models.load, info.id)
+                lm = await asyncio.to_thread(models.load, info.id, ctx)
             except LmxError as e:
                 yield _sse("error", {"model": info.id, "error": e.message, "status": e.status})
                 return
@@ -129,6 +132,7 @@ class AdminController(Controller):
                     "seconds": round(lm.load_seconds, 3),
                     "memory_measured": lm.measured,
                     "memory_estimate": lm.estimate.total,
+                    "ctx": lm.options.n_ctx,
                 },
             )
 

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from server.catalog import Catalog
 from server.discovery import ModelInfo
 from server.downloads import Download, DownloadQueue
@@ -17,7 +19,7 @@ from server.errors import InvalidRequest, LmxError
 from server.events import EventBus
 from server.load_preview import FitOption, LoadPreview, apply_option, hub_repo, preview_load
 from server.scheduler import LoadedModel, Scheduler
-from server.settings import ConfigStore
+from server.settings import ConfigStore, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +149,25 @@ class ModelService:
         option is a `pull` instead)."""
         apply_option(self._config, model_id, option)
 
-    def estimate(self, info: ModelInfo) -> dict[str, Any]:
-        return self._scheduler.estimate_for(info).as_dict()
+    def estimate(self, info: ModelInfo, ctx: int | None = None) -> dict[str, Any]:
+        return self._scheduler.estimate_for(info, ctx).as_dict()
 
-    def load(self, name: str) -> LoadedModel:
-        """Load (or keep) the model, evicting idle ones as the policy allows."""
-        return self._scheduler.load(self._catalog.resolve(name))
+    def load(self, name: str, ctx: int | None = None) -> LoadedModel:
+        """Load (or keep) the model, evicting idle ones as the policy allows. `ctx`: with this
+        context from now on (its `[models."id"]` ctx for this run, as Ollama's `num_ctx`); a
+        loaded model with another context reloads with it, at once when idle, else when its
+        requests end. A load that fails puts the old context back."""
+        info = self._catalog.resolve(name)
+        if ctx is None or self._config.current.for_model("ctx", info.id) == ctx:
+            return self._scheduler.load(info)
+        before = self._config.current.models
+        old = before.get(info.id) or ModelConfig()
+        self._config.update(models={**before, info.id: msgspec.structs.replace(old, ctx=ctx)})
+        try:
+            return self._scheduler.load(info)
+        except LmxError:
+            self._config.update(models=before)
+            raise
 
     def unload(self, name: str) -> bool:
         """Unload it now (its requests end with an error); False if it was not loaded."""
