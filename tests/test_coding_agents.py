@@ -94,6 +94,20 @@ def test_models_in_anthropics_list_shape_for_the_anthropic_client(server: Server
     assert one.id == SMOL and one.type == "model"
     # Without the header, the OpenAI shape as before.
     assert httpx.get(server.url + "/v1/models").json()["object"] == "list"
+    # A bad page or an unknown model is an error in the dialect the client speaks.
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        client.models.list(limit=5000)
+    assert bad.value.body["type"] == "error" and "limit" in bad.value.body["error"]["message"]
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        client.models.retrieve("no-such-model")
+    assert missing.value.body["type"] == "error"
+    r = httpx.get(
+        server.url + "/v1/models",
+        params={"after_id": "nope"},
+        headers={"anthropic-version": "2023-06-01"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "object" not in r.json()["error"] and r.json()["type"] == "error"
 
 
 def test_unknown_anthropic_beta_values_are_accepted(server: ServerThread) -> None:

@@ -18,6 +18,7 @@ import msgspec
 from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody
+from litestar.types import ExceptionHandlersMap
 
 from server.api.errors import OPENAI_ERRORS
 from server.api.model_cards import anthropic_model, anthropic_page, model_card, openai_cards
@@ -50,6 +51,22 @@ from server.toolcalls import parse_tool_choice, parse_tools
 
 # Sent by Anthropic's clients: /v1/models answers them in Anthropic's list shape.
 AnthropicVersion = Annotated[str | None, HeaderParameter(name="anthropic-version")]
+
+
+def _errors_by_version_header() -> ExceptionHandlersMap:
+    """OpenAI's error shape, or Anthropic's for a client that sends `anthropic-version` (the
+    model list answers both dialects)."""
+
+    def pick(kind: Any) -> Any:
+        def handle(request: Any, exc: Any) -> Any:
+            from server.api.anthropic import ANTHROPIC_ERRORS
+
+            anthropic = "anthropic-version" in request.headers
+            return (ANTHROPIC_ERRORS if anthropic else OPENAI_ERRORS)[kind](request, exc)
+
+        return handle
+
+    return {kind: pick(kind) for kind in OPENAI_ERRORS}
 
 
 def keep_alive_value(value: str | int | float | None) -> float | None:
@@ -235,7 +252,7 @@ class OpenAIController(Controller):
     tags = ["openai"]  # noqa: RUF012
     exception_handlers = OPENAI_ERRORS
 
-    @get("/models")
+    @get("/models", exception_handlers=_errors_by_version_header())
     async def list_models(
         self,
         rt: NamedDependency[Runtime],
@@ -249,7 +266,7 @@ class OpenAIController(Controller):
             return anthropic_page(cards, limit, after_id, before_id)
         return {"object": "list", "data": cards}
 
-    @get("/models/{model_id:path}")
+    @get("/models/{model_id:path}", exception_handlers=_errors_by_version_header())
     async def get_model(
         self,
         rt: NamedDependency[Runtime],
