@@ -23,7 +23,11 @@ MODEL = "smollm2-135m-instruct.q4_1"
 
 
 def lmx(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120, input: str | None = None
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    input: str | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*LMX, *args],
@@ -32,6 +36,7 @@ def lmx(
         timeout=timeout,
         env={**os.environ, **(env or {})},
         input=input,
+        cwd=cwd,
     )
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -16,23 +14,10 @@ from server.runner import ServerThread
 from server.runtime import Runtime
 from tests.conftest import make_config
 from tests.recording_proxy import RecordingProxy
+from tests.test_cli import lmx
 
-LMX = [sys.executable, "-m", "server.cli"]
 SMOL = "smollm2-135m-instruct.q4_1"
 AGENTS_CACHE = Path(os.environ.get("LMX_AGENTS_CACHE", Path.home() / ".cache" / "lmx-agents"))
-
-
-def lmx(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 600, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*LMX, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-    )
 
 
 @pytest.fixture
@@ -118,6 +103,7 @@ def test_aider_finishes_a_turn_on_a_cold_lmx(cold: ServerThread, tmp_path: Path)
             "--analytics-disable",
             env=env,
             cwd=tmp_path,
+            timeout=600,
         )
         assert r.returncode == 0, r.stdout + r.stderr
         chats = proxy.calls("/v1/chat/completions")
