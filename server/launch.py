@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,13 @@ class Plan:
     argv: list[str]
     env: dict[str, str]
     files: dict[Path, str] = field(default_factory=dict)
+    # Tuning knobs: the user's own environment wins over these.
+    defaults: dict[str, str] = field(default_factory=dict)
+
+    def environ(self, base: Mapping[str, str]) -> dict[str, str]:
+        """The agent's environment over `base` (the user's): lmx's defaults under it, the
+        connection (base URL, key, model) over it."""
+        return {**self.defaults, **base, **self.env}
 
     def shell(self, comment: str) -> str:
         """The plan as shell lines a user can paste (`lmx launch --print`)."""
@@ -77,6 +84,7 @@ class Plan:
             lines += [f"mkdir -p {shlex.quote(str(path.parent))}"]
             lines += [f"cat > {shlex.quote(str(path))} <<'EOF'", text.rstrip("\n"), "EOF"]
         lines += [f"export {k}={shlex.quote(v)}" for k, v in self.env.items()]
+        lines += [f'export {k}="${{{k}:-{v}}}"' for k, v in self.defaults.items()]
         lines.append(shlex.join(self.argv))
         return "\n".join(lines) + "\n"
 
@@ -113,6 +121,8 @@ def plan(
                 # The attribution header changes on every request; lmx normalises it anyway,
                 # and without it the first system block is the same bytes for every peer too.
                 "CLAUDE_CODE_ATTRIBUTION_HEADER": "0",
+            },
+            defaults={
                 "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
                 "CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(ctx),
                 "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(out),
@@ -246,7 +256,7 @@ def run(config: ConfigStore, args: argparse.Namespace, forward: Sequence[str]) -
         # signal, is not inherited by the agent).
         old = signal.signal(signal.SIGINT, lambda *_: None)
         try:
-            return subprocess.call([exe or agent.command, *p.argv[1:]], env={**os.environ, **p.env})
+            return subprocess.call([exe or agent.command, *p.argv[1:]], env=p.environ(os.environ))
         finally:
             signal.signal(signal.SIGINT, old)
 

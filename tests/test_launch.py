@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.launch import AGENTS, plan
 from server.runner import ServerThread
 from server.runtime import Runtime
 from tests.conftest import make_config
@@ -44,8 +45,26 @@ def test_print_gives_each_agent_its_environment_and_loads_nothing(cold: ServerTh
     assert r.returncode == 0, r.stderr
     assert 'model_providers.lmx.wire_api="responses"' in r.stdout
     assert "model_context_window=4096" in r.stdout and r.stdout.rstrip().endswith("exec hi")
+    r = lmx("launch", "claude", "--print", "--ctx", "8192", "--port", _port(cold))
+    assert r.returncode == 0, r.stderr
+    assert f"export ANTHROPIC_BASE_URL={cold.url}\n" in r.stdout
+    # The tuning knobs yield to the user's own values; the connection does not.
+    assert (
+        'export CLAUDE_CODE_MAX_OUTPUT_TOKENS="${CLAUDE_CODE_MAX_OUTPUT_TOKENS:-2048}"' in r.stdout
+    )
     states = [m["state"] for m in httpx.get(cold.url + "/admin/models").json()["models"]]
     assert set(states) == {"available"}  # printing changed nothing
+
+
+def test_the_users_own_agent_settings_win_over_lmx_tuning_but_not_over_the_connection(
+    tmp_path: Path,
+) -> None:
+    p = plan(AGENTS["claude"], "http://127.0.0.1:1", "k", "m", 32768, tmp_path)
+    mine = {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": "1000", "ANTHROPIC_BASE_URL": "https://elsewhere"}
+    env = p.environ(mine)
+    assert env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] == "1000"
+    assert env["CLAUDE_CODE_AUTO_COMPACT_WINDOW"] == "32768"
+    assert env["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:1"
 
 
 def test_an_agent_needing_more_context_than_the_model_holds_is_refused_with_the_numbers(
