@@ -793,9 +793,47 @@ class GenerationService:
         path: str = "",
     ) -> tuple[str, list[list[float]], int]:
         """Vectors for `texts`: (model id, vectors, tokens read)."""
-        started = time.perf_counter()
         if not texts:
             raise InvalidRequest("input is empty", param="input")
+        model_id, (vectors, n) = await self._counted(
+            model, lambda engine: engine.embed(texts), keep_alive, label, path
+        )
+        return model_id, vectors, n
+
+    async def rerank(
+        self,
+        model: str,
+        query: str,
+        documents: list[str],
+        *,
+        instruction: str | None = None,
+        keep_alive: float | None = None,
+        label: str = "api",
+        path: str = "",
+    ) -> tuple[str, list[float], int]:
+        """A relevance score per document: (model id, scores in documents' order, tokens)."""
+        if not documents:
+            raise InvalidRequest("documents is empty", param="documents")
+        model_id, (scores, n) = await self._counted(
+            model,
+            lambda engine: engine.rerank(query, documents, instruction),
+            keep_alive,
+            label,
+            path,
+        )
+        return model_id, scores, n
+
+    async def _counted(
+        self,
+        model: str,
+        work: Callable[[Engine], tuple[T, int]],
+        keep_alive: float | None,
+        label: str,
+        path: str,
+    ) -> tuple[str, tuple[T, int]]:
+        """`work(engine)` (which returns its result and the tokens it read) on the model, in a
+        worker thread, under the key's concurrency permit, recorded as a request."""
+        started = time.perf_counter()
         info = self.catalog.target(model).info
         key = current_key.get()
         permit = key.enter() if key is not None else None
@@ -807,7 +845,7 @@ class GenerationService:
             raise
         status, n = 500, 0
         try:
-            vectors, n = await asyncio.to_thread(lease.engine.embed, texts)
+            result, n = await asyncio.to_thread(work, lease.engine)
             status = 200
         except LmxError as e:
             status = e.status
@@ -829,7 +867,7 @@ class GenerationService:
                     key=key.name if key is not None else None,
                 )
             )
-        return info.id, vectors, n
+        return info.id, (result, n)
 
     def record(self, run: Run, status: int) -> None:
         done = [f for f in run.finished if f is not None]

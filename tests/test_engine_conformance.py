@@ -322,6 +322,17 @@ def test_embeddings_are_unit_vectors(engine: Engine) -> None:
     assert vecs[0] != vecs[1]
 
 
+def test_rerank_scores_each_document_the_same_alone_and_together(engine: Engine) -> None:
+    docs = ["Paris is the capital of France.", "Bananas are yellow.", "Berlin is in Germany."]
+    scores, n = engine.rerank("What is the capital of France?", docs)
+    assert len(scores) == 3 and all(0 < s < 1 for s in scores) and len(set(scores)) == 3
+    assert n > 3 * 20  # the judge prompt around each pair
+    alone = [engine.rerank("What is the capital of France?", [d])[0][0] for d in docs]
+    assert alone == scores
+    other, _ = engine.rerank("What is the capital of France?", docs, "Find fruit facts")
+    assert other != scores  # the instruction is part of the prompt
+
+
 def test_stats_report_slots_queue_and_totals(engine: Engine) -> None:
     before = engine.stats()
     run(engine, GenerationRequest(prompt(engine), 2, GREEDY, ignore_eos=True))

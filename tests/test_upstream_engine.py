@@ -245,6 +245,13 @@ def test_embeddings_come_from_the_upstream(
     assert all(abs(a - b) < 1e-5 for a, b in zip(vecs[0], direct[0], strict=True))
 
 
+def test_rerank_comes_from_the_upstream(engine: Engine, peer: tuple[Runtime, ServerThread]) -> None:
+    docs = ["Paris is the capital of France.", "Bananas are yellow."]
+    scores, n = engine.rerank("What is the capital of France?", docs)
+    direct, m = peer_engine(peer).rerank("What is the capital of France?", docs)
+    assert n == m > 0 and scores == direct
+
+
 def test_stats_report_slots_queue_and_totals(engine: Engine) -> None:
     before = engine.stats()
     run(engine, request_for(engine, "Once upon a time", 2, ignore_eos=True))

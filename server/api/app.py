@@ -20,6 +20,7 @@ from server.api.auth import key_guard
 from server.api.errors import OPENAI_ERRORS
 from server.api.ollama import OllamaController
 from server.api.openai import OpenAIController
+from server.api.rerank import RerankBody, RerankController
 from server.api.responses import ResponsesController
 from server.api.tokens import TokensController
 from server.runtime import Runtime
@@ -67,6 +68,7 @@ BODIES: list[type] = [
     schemas.ChatCompletionRequest,
     schemas.CompletionRequest,
     schemas.EmbeddingRequest,
+    RerankBody,
     ollama.ChatBody,
     ollama.GenerateBody,
     ollama.EmbedBody,
@@ -88,6 +90,7 @@ def create_app(rt: Runtime) -> Litestar:
             ResponsesController,
             AnthropicController,
             TokensController,
+            RerankController,
             OllamaController,
             AdminController,
             metrics_handler(rt),

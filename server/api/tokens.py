@@ -49,7 +49,8 @@ class ApplyTemplateBody(msgspec.Struct, kw_only=True):
     parallel_tool_calls: bool = True
 
 
-def _model(rt: Runtime, given: str | None) -> str:
+def model_or_loaded(rt: Runtime, given: str | None) -> str:
+    """`given`, else the only loaded model (as llama-server's one model), else the default."""
     if given:
         return given
     loaded = rt.scheduler.loaded()
@@ -75,7 +76,7 @@ class TokensController(Controller):
                 return ids
             return [{"id": t, "piece": engine.detokenize([t])} for t in ids]
 
-        model, tokens = await rt.service.on_model(_model(rt, data.model), work)
+        model, tokens = await rt.service.on_model(model_or_loaded(rt, data.model), work)
         return {"tokens": tokens, "model": model}
 
     @post("/detokenize", status_code=200)
@@ -91,7 +92,7 @@ class TokensController(Controller):
                 )
             return engine.detokenize(data.tokens)
 
-        model, text = await rt.service.on_model(_model(rt, data.model), work)
+        model, text = await rt.service.on_model(model_or_loaded(rt, data.model), work)
         return {"content": text, "model": model}
 
     @post("/apply-template", status_code=200)
@@ -100,7 +101,7 @@ class TokensController(Controller):
     ) -> dict[str, Any]:
         tools = parse_tools(data.tools)
         req = GenerateRequest(
-            model=_model(rt, data.model),
+            model=model_or_loaded(rt, data.model),
             messages=messages_of(data.messages),
             tools=tools,
             tool_choice=parse_tool_choice(data.tool_choice, tools),

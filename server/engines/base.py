@@ -314,6 +314,13 @@ class Engine(Protocol):
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]: ...
 
+    def rerank(
+        self, query: str, documents: list[str], instruction: str | None = None
+    ) -> tuple[list[float], int]:
+        """A relevance score in [0, 1] per document (server.engines.rerank), and the tokens
+        read."""
+        ...
+
     def stats(self) -> dict[str, Any]:
         """slots, slots_busy, queue_depth, requests_total, tokens_generated, finished."""
         ...

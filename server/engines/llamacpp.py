@@ -40,7 +40,16 @@ from server.engines.base import (
 )
 from server.engines.llama_sampling import GrammarSampler
 from server.engines.prefix_store import PrefixMatch
-from server.errors import EngineFailure, InvalidRequest, QueueFull
+from server.engines.rerank import (
+    JUDGE_TEMPLATE_KWARGS,
+    RERANK_CTX,
+    RERANK_SEQS,
+    judge_messages,
+    judge_score,
+)
+from server.engines.rerank import answer_tokens as rerank_answers
+from server.engines.rerank import pack as rerank_pack
+from server.errors import ContextOverflow, EngineFailure, InvalidRequest, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +72,8 @@ PENALTY_LAST_N = 64
 # batched, and from a cached prefix. The price is prefill speed on long prompts: the tiled
 # kernel prefills 2000 tokens ~1.4x faster (batch_invariant=False: llama-server's ubatch).
 BATCH_INVARIANT_UBATCH = 63
+# Rows per decode call of a reranking judge: under 64 and a multiple of 4 (see rerank).
+RERANK_STEP = 60
 # A prompt waits for another slot's prefill only when that saves at least this many tokens.
 MIN_SHARED_WAIT = 32
 # The prefix store: a slot's tokens are saved when at least this many would be lost, and a
@@ -202,7 +213,8 @@ class LlamaCppEngine:
         self._model: Any = None
         self._ctx: Any = None
         self._embed_ctx: Any = None
-        self._embed_lock = threading.Lock()
+        self._rank_ctx: Any = None  # reranking's own context (rank pooling or logits)
+        self._embed_lock = threading.Lock()  # the side contexts: embedding and reranking
         self._cond = threading.Condition()
         self._pending: deque[_Job] = deque()
         self._closing = False
@@ -490,9 +502,10 @@ class LlamaCppEngine:
                 except Exception:  # a full disk must not keep the model's memory held
                     log.exception("could not keep the prompt cache of %s", self.info.id)
         with self._embed_lock:
-            if self._embed_ctx:
-                llama_cpp.llama_free(self._embed_ctx)
-                self._embed_ctx = None
+            for name in ("_embed_ctx", "_rank_ctx"):
+                if getattr(self, name):
+                    llama_cpp.llama_free(getattr(self, name))
+                    setattr(self, name, None)
         if self._ctx:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self._ctx)
@@ -963,8 +976,6 @@ class LlamaCppEngine:
                     if not toks:
                         raise InvalidRequest("Cannot embed an empty string.", param="input")
                     if len(toks) > n_ctx:
-                        from server.errors import ContextOverflow
-
                         raise ContextOverflow(len(toks), n_ctx, what="input")
                     total += len(toks)
                     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
@@ -1001,6 +1012,140 @@ class LlamaCppEngine:
         ctx = llama_cpp.llama_init_from_model(self._model, p)
         if not ctx:
             raise EngineFailure(f"could not create an embedding context for {self.info.id}")
+        return ctx
+
+    # ----- reranking -----------------------------------------------------------------------
+
+    @property
+    def is_reranker(self) -> bool:
+        """A model with a classification head for (query, document) pairs: pooling type rank."""
+        h = self.info.header
+        return h is not None and h.arch_value("pooling_type") == llama_cpp.LLAMA_POOLING_TYPE_RANK
+
+    def rerank(
+        self, query: str, documents: list[str], instruction: str | None = None
+    ) -> tuple[list[float], int]:
+        """A relevance score in [0, 1] per document, and the tokens read (server.engines.rerank):
+        pairs decoded together, several sequences to a batch, in a context of their own."""
+        rank = self.is_reranker
+        prompts = [self._rerank_prompt(query, d, instruction, rank) for d in documents]
+        with self._embed_lock:
+            if self._rank_ctx is None:
+                self._rank_ctx = self._make_rank_ctx(rank)
+            ctx = self._rank_ctx
+            n_ctx = int(llama_cpp.llama_n_ctx(ctx))
+            for i, p in enumerate(prompts):
+                if len(p) > n_ctx:
+                    err = ContextOverflow(len(p), n_ctx, what=f"query with documents[{i}]")
+                    err.param = "documents"
+                    raise err
+            yes, no = rerank_answers(lambda w: self.tokenize(w, add_special=False, special=False))
+            if not rank and (not yes or not no):
+                raise InvalidRequest(
+                    f"{self.info.id} has no single token for yes and no, so it cannot rerank.",
+                    param="model",
+                )
+            scores = [0.0] * len(prompts)
+            invariant = self.options.batch_invariant
+            batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+            try:
+                # Alone or with others, a pair gets the same score when batch_invariant: a
+                # reranker's pairs are decoded one at a time; a judge's in calls of under 64
+                # rows (BATCH_INVARIANT_UBATCH), padded with rows of a throw-away sequence to a
+                # multiple of 4, since ggml's repacked K-quant kernels (Gemma's Q4_K) compute
+                # rows in fours and the rest apart, which rounds differently.
+                seqs = 1 if rank and invariant else RERANK_SEQS
+                mem = llama_cpp.llama_get_memory(ctx)
+                for group in rerank_pack([len(p) for p in prompts], n_ctx, seqs):
+                    llama_cpp.llama_memory_clear(mem, True)
+                    rows = [
+                        (seq, pos, tok)
+                        for seq, i in enumerate(group)
+                        for pos, tok in enumerate(prompts[i])
+                    ]
+                    judged = invariant and not rank
+                    step = RERANK_STEP if judged else len(rows)
+                    for at in range(0, len(rows), step):
+                        chunk = rows[at : at + step]
+                        pad = -len(chunk) % 4 if judged else 0
+                        for n, (seq, pos, tok) in enumerate(chunk):
+                            batch.token[n] = tok
+                            batch.pos[n] = pos
+                            batch.n_seq_id[n] = 1
+                            batch.seq_id[n][0] = seq
+                            batch.logits[n] = rank or pos == len(prompts[group[seq]]) - 1
+                        for k in range(pad):
+                            n = len(chunk) + k
+                            batch.token[n] = chunk[0][2]
+                            batch.pos[n] = k
+                            batch.n_seq_id[n] = 1
+                            batch.seq_id[n][0] = RERANK_SEQS  # the padding's own sequence
+                            batch.logits[n] = False
+                        batch.n_tokens = len(chunk) + pad
+                        rc = llama_cpp.llama_decode(ctx, batch)
+                        if rc != 0:
+                            raise EngineFailure(f"llama_decode returned {rc} while reranking")
+                        if pad:
+                            llama_cpp.llama_memory_seq_rm(mem, RERANK_SEQS, -1, -1)
+                        for n, (seq, pos, _) in enumerate(chunk):
+                            if pos != len(prompts[group[seq]]) - 1:
+                                continue
+                            if rank:
+                                ptr = llama_cpp.llama_get_embeddings_seq(ctx, seq)
+                                scores[group[seq]] = float(ptr[0])
+                            else:
+                                ptr = llama_cpp.llama_get_logits_ith(ctx, n)
+                                scores[group[seq]] = judge_score(ptr, yes, no)
+            finally:
+                llama_cpp.llama_batch_free(batch)
+        return scores, sum(len(p) for p in prompts)
+
+    def _rerank_prompt(
+        self, query: str, document: str, instruction: str | None, rank: bool
+    ) -> list[int]:
+        if not rank:
+            messages = judge_messages(query, document, instruction)
+            return self.format_chat(messages, template_kwargs=JUDGE_TEMPLATE_KWARGS)
+        # As llama-server writes a pair for a reranker (format_prompt_rerank).
+        template = llama_cpp.llama_model_chat_template(self._model, b"rerank")
+        if template:
+            text = template.decode("utf-8", "replace")
+            text = text.replace("{query}", query).replace("{document}", document)
+            return self.tokenize(text, add_special=False, special=True)
+        v = self._vocab
+        eos = llama_cpp.llama_vocab_eos(v)
+        if eos < 0:
+            eos = llama_cpp.llama_vocab_sep(v)
+        out = [llama_cpp.llama_vocab_bos(v)] if llama_cpp.llama_vocab_get_add_bos(v) else []
+        out += self.tokenize(query, add_special=False, special=False)
+        out += [eos] if llama_cpp.llama_vocab_get_add_eos(v) else []
+        out += [llama_cpp.llama_vocab_sep(v)] if llama_cpp.llama_vocab_get_add_sep(v) else []
+        out += self.tokenize(document, add_special=False, special=False)
+        out += [eos] if llama_cpp.llama_vocab_get_add_eos(v) else []
+        return out
+
+    def _make_rank_ctx(self, rank: bool) -> Any:
+        n = min(self.n_ctx_slot, RERANK_CTX)
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = n
+        p.n_batch = n
+        # A non-causal reranker (BERT) must see each pair in one ubatch.
+        invariant = self.options.batch_invariant
+        p.n_ubatch = n if rank else min(n, RERANK_STEP if invariant else 512)
+        p.n_seq_max = RERANK_SEQS + 1  # and the padding's
+        p.kv_unified = True  # the pairs of a batch share the context's cells
+        if rank:
+            p.embeddings = True
+            p.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_RANK
+        else:
+            p.n_outputs_max = RERANK_SEQS + 1  # one row of logits per pair (and the padding)
+        p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        p.n_threads = self._threads
+        p.n_threads_batch = self._threads
+        p.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(self._model, p)
+        if not ctx:
+            raise EngineFailure(f"could not create a rerank context for {self.info.id}")
         return ctx
 
 

@@ -44,6 +44,12 @@ from server.engines.base import (
     emit_text,
     finish_job,
 )
+from server.engines.rerank import (
+    JUDGE_TEMPLATE_KWARGS,
+    answer_tokens,
+    judge_messages,
+    judge_score,
+)
 from server.errors import ContextOverflow, EngineFailure, InvalidRequest, QueueFull
 
 log = logging.getLogger(__name__)
@@ -431,6 +437,41 @@ class MlxEngine:
             return out
 
         return self._call(run), sum(len(t) for t in tokenized)
+
+    # ----- reranking -----------------------------------------------------------------------
+
+    def rerank(
+        self, query: str, documents: list[str], instruction: str | None = None
+    ) -> tuple[list[float], int]:
+        """The judge's P(yes) per document (server.engines.rerank), one forward pass each."""
+        prompts = [
+            self.format_chat(
+                judge_messages(query, d, instruction), template_kwargs=JUDGE_TEMPLATE_KWARGS
+            )
+            for d in documents
+        ]
+        for i, p in enumerate(prompts):
+            if len(p) > self.n_ctx_slot:
+                err = ContextOverflow(len(p), self.n_ctx_slot, what=f"query with documents[{i}]")
+                err.param = "documents"
+                raise err
+        yes, no = answer_tokens(lambda w: self.tokenize(w, add_special=False, special=False))
+        if not yes or not no:
+            raise InvalidRequest(
+                f"{self.info.id} has no single token for yes and no, so it cannot rerank.",
+                param="model",
+            )
+
+        def run() -> list[float]:
+            import mlx.core as mx
+
+            out = []
+            for toks in prompts:
+                logits = self._model(mx.array([toks]))[0, -1].astype(mx.float32)
+                out.append(judge_score(logits.tolist(), yes, no))
+            return out
+
+        return self._call(run), sum(len(p) for p in prompts)
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         call = _Call(fn)

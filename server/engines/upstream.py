@@ -350,6 +350,37 @@ class UpstreamEngine:
         future = asyncio.run_coroutine_threadsafe(self._embed(texts), self._loop)
         return future.result(EMBED_TIMEOUT)
 
+    def rerank(
+        self, query: str, documents: list[str], instruction: str | None = None
+    ) -> tuple[list[float], int]:
+        """The upstream's rerank (llama-server, vLLM, LocalAI take this shape)."""
+        if self._loop is None or self._closing:
+            raise EngineFailure(f"{self.info.id} is unloading")
+        future = asyncio.run_coroutine_threadsafe(self._rerank(query, documents), self._loop)
+        return future.result(EMBED_TIMEOUT)
+
+    async def _rerank(self, query: str, documents: list[str]) -> tuple[list[float], int]:
+        assert self._client is not None
+        url = self.server.url + "/rerank"
+        body = {"model": self.ref.model, "query": query, "documents": documents}
+        try:
+            r = await self._client.post(url, json=body)
+        except httpx.HTTPError as e:
+            raise unreachable(self.server.name, self.server.url, e) from e
+        if r.status_code != 200:
+            raise upstream_error(self.server.name, r.status_code, r.content)
+        try:
+            data = r.json()
+            scores = [0.0] * len(documents)
+            for item in data["results"]:
+                scores[int(item["index"])] = float(item["relevance_score"])
+            return scores, int((data.get("usage") or {}).get("prompt_tokens") or 0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            raise UpstreamError(
+                f"upstream {self.server.name} answered rerank in an unknown shape: {e!r}",
+                status=502,
+            ) from e
+
     async def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         assert self._client is not None
         url = self.server.url + "/embeddings"
