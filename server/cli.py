@@ -186,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the context to load the model with (default: what the agent needs)",
     )
     la.add_argument(
+        "--max-output",
+        dest="agent_out",
+        type=int,
+        metavar="N",
+        help="the longest reply the agent asks for (default: a quarter of the context, at most "
+        "8192; Codex has no such setting)",
+    )
+    la.add_argument(
         "--print",
         action="store_true",
         help="print the environment, config and command instead of starting the agent",

@@ -102,10 +102,18 @@ def plan(
     ctx: int,
     folder: Path,
     extra: Sequence[str] = (),
+    max_output: int | None = None,
 ) -> Plan:
-    """The plan for `agent` against the lmx at `url` (no /v1), using `model` with `ctx`."""
-    out = output_tokens(ctx)
+    """The plan for `agent` against the lmx at `url` (no /v1), using `model` with `ctx`;
+    `max_output`: the reply length the agent asks for (None: `output_tokens(ctx)`)."""
+    out = max_output or output_tokens(ctx)
     if agent.name == "claude":
+        tuning = {
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+            "CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(ctx),
+            "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(out),
+        }
+        asked = {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(out)} if max_output else {}
         return Plan(
             [agent.command, *extra],
             {
@@ -121,12 +129,9 @@ def plan(
                 # The attribution header changes on every request; lmx normalises it anyway,
                 # and without it the first system block is the same bytes for every peer too.
                 "CLAUDE_CODE_ATTRIBUTION_HEADER": "0",
+                **asked,  # --max-output is asked for here and now: it wins
             },
-            defaults={
-                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-                "CLAUDE_CODE_AUTO_COMPACT_WINDOW": str(ctx),
-                "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(out),
-            },
+            defaults={k: v for k, v in tuning.items() if k not in asked},
         )
     if agent.name == "codex":
         provider = {
@@ -143,7 +148,6 @@ def plan(
             *(f"model_providers.lmx.{k}={_toml(v)}" for k, v in provider.items()),
             f"model_context_window={ctx}",
             f"model_auto_compact_token_limit={ctx * 4 // 5}",
-            f"model_max_output_tokens={out}",
         ]
         flags = [x for o in overrides for x in ("-c", o)]
         return Plan([agent.command, *flags, *extra], {"LMX_API_KEY": key})
@@ -218,6 +222,8 @@ def run(config: ConfigStore, args: argparse.Namespace, forward: Sequence[str]) -
     url = base_url(settings)
     key = settings.api_key or "lmx"
     want = args.agent_ctx or agent.ctx
+    if args.agent_out is not None and args.agent_out < 1:
+        raise LaunchRefused(f"--max-output must be at least 1; got {args.agent_out}")
     with contextlib.ExitStack() as stack:
         client = find_server(settings)
         if client is None and not args.print:
@@ -236,7 +242,9 @@ def run(config: ConfigStore, args: argparse.Namespace, forward: Sequence[str]) -
             else:
                 note += "Load "
             note += f"the model with that context:\n{load}"
-            p = plan(agent, url, key, model, want, _print_folder(agent), args.agent_args)
+            p = plan(
+                agent, url, key, model, want, _print_folder(agent), args.agent_args, args.agent_out
+            )
             print(p.shell(note), end="")
             return 0
         assert client is not None
@@ -248,7 +256,7 @@ def run(config: ConfigStore, args: argparse.Namespace, forward: Sequence[str]) -
                 "its requests end"
             )
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lmx-launch-")))
-        p = plan(agent, url, key, model, want, folder, args.agent_args)
+        p = plan(agent, url, key, model, want, folder, args.agent_args, args.agent_out)
         for path, text in p.files.items():
             path.write_text(text, encoding="utf-8")
         _say(f"starting {agent.name} on {model} at {url}")
@@ -274,9 +282,8 @@ def _print_folder(agent: Agent) -> Path:
 def _model_for(client: Any, agent: Agent, name: str, want: int, asked: int | None) -> str:
     """The model's id, once it is known to hold the agent's context and fit the budget."""
     est = client.get("/admin/estimate", model=name, ctx=want)
-    model = str(est["model"])
-    entry: dict[str, Any] = next((m for m in client.models() if m.get("id") == model), {})
-    trained = entry.get("context_length")
+    model = str(est.get("preset") or est["model"])  # a preset runs on its base model
+    trained = est.get("context_length")
     if asked is None and trained and trained < want:
         raise LaunchRefused(
             f"{model} holds {trained} tokens of context and {agent.name} needs {want}: choose "

@@ -7,6 +7,7 @@ unchanged (streams chunk by chunk, as they come).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class Exchange:
     content_type: str
     request: bytes
     response: bytearray = field(default_factory=bytearray)
+    done: bool = False  # lmx's whole answer went through (not cut off by the client)
 
     def body(self) -> Any:
         try:
@@ -42,6 +44,79 @@ class Exchange:
         text = self.response.decode("utf-8", "replace")
         named = [ln[6:].strip() for ln in text.splitlines() if ln.startswith("event:")]
         return named or [ln[5:].strip() for ln in text.splitlines() if ln.startswith("data:")]
+
+    def data(self) -> list[Any]:
+        """The JSON payloads of a streamed answer (or the one JSON body of a plain one)."""
+        text = self.response.decode("utf-8", "replace")
+        if not self.streamed:
+            try:
+                return [json.loads(text)]
+            except ValueError:
+                return []
+        lines = (
+            text.splitlines()
+            if "ndjson" in self.content_type
+            else [ln[5:].strip() for ln in text.splitlines() if ln.startswith("data:")]
+        )
+        out = []
+        for ln in lines:
+            with contextlib.suppress(ValueError):  # [DONE]
+                out.append(json.loads(ln))
+        return out
+
+    def cut_by_length(self) -> bool:
+        """lmx ended the answer at its token limit (each dialect's way of saying so)."""
+        for d in self.data():
+            if not isinstance(d, dict):
+                continue
+            resp = d.get("response") or {}
+            if (resp.get("incomplete_details") or {}).get("reason") == "max_output_tokens":
+                return True  # Responses
+            delta = d.get("delta")
+            if isinstance(delta, dict) and delta.get("stop_reason") == "max_tokens":
+                return True  # Anthropic
+            if any(c.get("finish_reason") == "length" for c in d.get("choices") or []):
+                return True  # chat completions
+        return False
+
+    def tool_calls(self) -> set[str]:
+        """The ids of the tool calls lmx answered with, in any dialect."""
+        ids: set[str] = set()
+        for d in self.data():
+            if not isinstance(d, dict):
+                continue
+            block = d.get("content_block") or {}
+            if block.get("type") == "tool_use":  # Anthropic, streamed
+                ids.add(block["id"])
+            for b in d.get("content") or []:  # Anthropic, whole
+                if isinstance(b, dict) and b.get("type") == "tool_use":
+                    ids.add(b["id"])
+            item = d.get("item") or {}
+            if item.get("type") in ("function_call", "custom_tool_call"):  # Responses
+                ids.add(item["call_id"])
+            for c in d.get("choices") or []:  # chat completions
+                for call in (c.get("delta") or c.get("message") or {}).get("tool_calls") or []:
+                    if call.get("id"):
+                        ids.add(call["id"])
+        return ids
+
+    def tool_results(self) -> set[str]:
+        """The ids of the tool results the client sent in this request, in any dialect."""
+        body = self.body()
+        if not isinstance(body, dict):
+            return set()
+        ids: set[str] = set()
+        for m in body.get("messages") or []:
+            if m.get("role") == "tool" and m.get("tool_call_id"):
+                ids.add(m["tool_call_id"])
+            for b in m.get("content") if isinstance(m.get("content"), list) else []:
+                if isinstance(b, dict) and b.get("type") == "tool_result":
+                    ids.add(b["tool_use_id"])
+        items = body.get("input")
+        for item in items if isinstance(items, list) else []:
+            if item.get("type") in ("function_call_output", "custom_tool_call_output"):
+                ids.add(item["call_id"])
+        return ids
 
     def ended(self) -> bool:
         """The stream ended with its dialect's terminal event."""
@@ -97,6 +172,7 @@ class RecordingProxy:
                     if self.command == "HEAD":
                         self.send_header("Content-Length", "0")
                         self.end_headers()
+                        ex.done = True
                         return
                     self.send_header("Transfer-Encoding", "chunked")
                     self.end_headers()
@@ -104,6 +180,7 @@ class RecordingProxy:
                         ex.response += chunk
                         self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                         self.wfile.flush()
+                    ex.done = True
                     self.wfile.write(b"0\r\n\r\n")
                     self.wfile.flush()
                 finally:
@@ -132,3 +209,12 @@ class RecordingProxy:
     def calls(self, prefix: str) -> list[Exchange]:
         with self._lock:
             return [e for e in self.exchanges if e.path.startswith(prefix)]
+
+    def unanswered_tool_calls(self, prefix: str) -> set[str]:
+        """Tool calls of whole answers that no later request sent back as a tool result,
+        except those of the last whole answer (the agent may have stopped there)."""
+        calls = self.calls(prefix)
+        whole = [e for e in calls if e.done]
+        made = set().union(*(e.tool_calls() for e in whole[:-1])) if len(whole) > 1 else set()
+        returned = set().union(*(e.tool_results() for e in calls)) if calls else set()
+        return made - returned

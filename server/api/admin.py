@@ -71,6 +71,9 @@ class AdminController(Controller):
         lm = rt.scheduler.get(preview.model)
         return {
             **preview.as_dict(),
+            # A preset's own id (it runs on `model`, with its own defaults).
+            "preset": model if rt.catalog.preset(model) is not None else None,
+            "context_length": models.runs_on(model).context_length,  # what it was trained on
             "budget_bytes": memory["budget_bytes"],
             "budgets": preview.budgets,
             **{k: memory[k] for k in ("gpus", "offload", "note")},
@@ -116,7 +119,7 @@ class AdminController(Controller):
         model_id: FromPath[str],
         ctx: Annotated[int | None, Parameter(ge=64, le=1_048_576)] = None,
     ) -> EventStream:
-        info = models.resolve(model_id)  # unknown names fail here, as a plain 404
+        info = models.runs_on(model_id)  # unknown names fail here, as a plain 404
 
         async def events() -> AsyncIterator[ServerSentEventMessage]:
             yield _sse("loading", {"model": info.id, "estimate": models.estimate(info, ctx)})

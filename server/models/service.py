@@ -49,6 +49,11 @@ class ModelService:
         """The available model `name` names (id, alias, file name...); ModelNotFound if none."""
         return self._catalog.resolve(name)
 
+    def runs_on(self, name: str) -> ModelInfo:
+        """The model a request for `name` runs on: a preset's base model, else `resolve`.
+        Loading, estimating, pinning and unloading take these names; removing does not."""
+        return self._catalog.target(name).info
+
     def models(self) -> list[ModelInfo]:
         return self._catalog.models()
 
@@ -133,7 +138,7 @@ class ModelService:
         not asked, when it could not be). Nothing is loaded or evicted."""
         from server import hub
 
-        info = self._catalog.resolve(name)
+        info = self.runs_on(name)
         preview = preview_load(self._scheduler, info, ctx, parallel)
         repo = hub_repo(info)
         if not ask_hub or preview.fits_alone or not repo or not info.usable or ctx or parallel:
@@ -157,7 +162,7 @@ class ModelService:
         context from now on (its `[models."id"]` ctx for this run, as Ollama's `num_ctx`); a
         loaded model with another context reloads with it, at once when idle, else when its
         requests end. A load that fails puts the old context back."""
-        info = self._catalog.resolve(name)
+        info = self.runs_on(name)
         if ctx is None or self._config.current.for_model("ctx", info.id) == ctx:
             return self._scheduler.load(info)
         before = self._config.current.models
@@ -171,11 +176,11 @@ class ModelService:
 
     def unload(self, name: str) -> bool:
         """Unload it now (its requests end with an error); False if it was not loaded."""
-        return self._scheduler.unload(self._catalog.resolve(name).id)
+        return self._scheduler.unload(self.runs_on(name).id)
 
     def pin(self, name: str, pinned: bool = True) -> str:
         """Keep the model loaded (never evicted, no TTL) or let it go again; returns its id."""
-        info = self._catalog.resolve(name)
+        info = self.runs_on(name)
         self._scheduler.pin(info.id, pinned)
         return info.id
 
