@@ -167,6 +167,7 @@ class GenerateRequest:
     # Ask the template to think (True), not to (False), or leave it to the template (None).
     think: bool | None = None
     label: str = "api"  # who asked: openai, ollama, tui, cli ... (request log, metrics)
+    affinity: str | None = None  # the conversation it belongs to (GenerationRequest.affinity)
     path: str = ""  # the route, for the request log
     param_prefix: str = ""  # how the dialect names sampling fields in errors ("options.")
     # The API key that asked (its limits apply, its name is recorded); the HTTP guard sets it
@@ -1197,6 +1198,7 @@ def build_requests(engine: Engine, req: GenerateRequest, prompt: Prompt) -> list
                     ignore_eos=req.ignore_eos,
                     label=req.label,
                     preserved_tokens=prompt.preserved_tokens,
+                    affinity=req.affinity,
                 )
             )
     return out

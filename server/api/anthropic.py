@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, Response, post
+from litestar import Controller, Request, Response, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from msgspec import Meta
@@ -354,10 +354,15 @@ class AnthropicController(Controller):
 
     @post("/", status_code=200)
     async def create(
-        self, rt: NamedDependency[Runtime], data: JSONBody[MessagesRequest]
+        self,
+        rt: NamedDependency[Runtime],
+        data: JSONBody[MessagesRequest],
+        request: Request[Any, Any, Any],
     ) -> Response[Any]:
         req = request_of(
             data,
+            # Claude Code's subagents name themselves; each keeps its own slot and cache.
+            affinity=request.headers.get("x-claude-code-agent-id") or None,
             max_tokens=data.max_tokens,
             sampling=Sampling(temperature=data.temperature, top_p=data.top_p, top_k=data.top_k),
             stop=list(data.stop_sequences or []),

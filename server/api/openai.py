@@ -293,6 +293,7 @@ class OpenAIController(Controller):
             tools=tools,
             tool_choice=choice,
             parallel_tool_calls=data.parallel_tool_calls,
+            affinity=data.prompt_cache_key,
             **_common(data, "/v1/chat/completions"),
         )
         run = await rt.service.start(req)

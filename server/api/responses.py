@@ -447,6 +447,7 @@ class ResponsesController(Controller):
         req = GenerateRequest(
             model=data.model,
             messages=system + messages,
+            affinity=data.prompt_cache_key,  # Codex: its session id
             max_tokens=data.max_output_tokens,
             sampling=Sampling(
                 temperature=data.temperature,

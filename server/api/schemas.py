@@ -90,6 +90,7 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tool_choice: Any = None
     parallel_tool_calls: bool = True
     grammar: str | None = None  # llama.cpp extension: a GBNF the reply must follow
+    prompt_cache_key: str | None = None  # OpenAI's: requests with one key share a cache
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

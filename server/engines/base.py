@@ -72,6 +72,9 @@ class GenerationRequest:
     # Control tokens given as their text (tool-call and thinking markers the reply's parser
     # reads); every other special token is decoded to nothing, as before.
     preserved_tokens: frozenset[int] = frozenset()
+    # Who the prompt belongs to (a coding agent's subagent id, a client's prompt_cache_key):
+    # its slot is kept for it, so another conversation does not take over its cached prefix.
+    affinity: str | None = None
 
 
 @dataclass(frozen=True)

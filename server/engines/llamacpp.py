@@ -173,6 +173,7 @@ class _Slot:
     # cache holds only the window before its end, so it can be extended but not cut shorter.
     floor: int = 0
     prompt_len: int = 0  # the last request's prompt, the first part of `tokens`
+    owner: str | None = None  # the affinity of the request that left these cells
 
 
 def _slot_state(slot: _Slot) -> str:
@@ -192,6 +193,18 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def _seq(slot: _Slot) -> int:
     return slot.seq
+
+
+def _slot_rank(slot: _Slot, prompt: list[int], affinity: str | None) -> tuple[int, ...]:
+    """Which free slot a prompt takes (the highest rank). Without an affinity: the longest
+    usable prefix among the slots no conversation claims, then the least recently used. With
+    one: its own slot with the longest usable prefix; else an empty slot, else the least
+    recently used, whatever prefix the others hold (a subagent that shares its parent's
+    system prompt does not take over the parent's cached conversation)."""
+    if affinity is None:
+        return (slot.owner is None, _usable(slot, prompt), -int(slot.last_used * 1e6))
+    mine = slot.owner == affinity
+    return (mine, _usable(slot, prompt) if mine else 0, not slot.tokens, -int(slot.last_used * 1e6))
 
 
 def _usable(slot: _Slot, prompt: list[int]) -> int:
@@ -563,11 +576,13 @@ class LlamaCppEngine:
                 return
             self._pending.popleft()
             prompt = job.gen.request.prompt_tokens
-            slot = max(free, key=lambda s: (_usable(s, prompt), -s.last_used))
+            affinity = job.gen.request.affinity
+            slot = max(free, key=lambda s: _slot_rank(s, prompt, affinity))
             self._attach(slot, job, prompt)
 
     def _attach(self, slot: _Slot, job: _Job, prompt: list[int]) -> None:
         slot.job = job
+        slot.owner = job.gen.request.affinity
         job.gen.progress.slot = slot.seq
         if not job.started_at:
             job.started_at = time.perf_counter()
