@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import free_port, start, wait_idle
+from bench import free_port, lmx_cmd, start, wait_idle
 
 # Codex CLI's own tools on a plain profile (shapes from its Responses requests).
 CODEX_TOOLS: list[dict[str, Any]] = [
@@ -419,28 +419,17 @@ def main() -> None:
     scenarios = args.scenarios.split(",")
     lmx_model = model.stem.lower()  # the id lmx's discovery gives the file
     port = free_port()
-    lmx_cmd = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "--no-ui",
-        "--port",
-        str(port),
-        "--model-dir",
-        str(model.parent),
-        "--threads",
-        str(args.threads),
-        "--parallel",
-        str(args.slots),
-        "--ctx",
-        str(args.ctx),
-        "--log-level",
-        "warning",
-        *args.lmx_args.split(),
-    ]
+    cmd = lmx_cmd(
+        port,
+        model.parent,
+        ctx=args.ctx,
+        parallel=args.slots,
+        threads=args.threads,
+        extra=args.lmx_args.split(),
+    )
     ttft: dict[str, dict[str, float]] = {}
     wait_idle(args.max_waits)
-    with start("lmx", lmx_cmd, port, "/health") as url:
+    with start("lmx", cmd, port, "/health") as url:
         if "tools" in scenarios:
             tools_scenario(url, lmx_model, args.replies)
         for sc in ("claude", "codex"):

@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +91,31 @@ class RunResult:
     def ttft(self, q: float) -> float:
         xs = sorted(self.ttfts)
         return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
+
+
+def lmx_cmd(
+    port: int, model_dir: Path, *, ctx: int, parallel: int, threads: int, extra: Sequence[str] = ()
+) -> list[str]:
+    """`lmx --no-ui` from this checkout, as every bench script starts it."""
+    return [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "--no-ui",
+        "--port",
+        str(port),
+        "--model-dir",
+        str(model_dir),
+        "--ctx",
+        str(ctx),
+        "--parallel",
+        str(parallel),
+        "--threads",
+        str(threads),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
 
 
 def free_port() -> int:
@@ -254,24 +279,7 @@ def main() -> None:
         out.append(
             (
                 "lmx",
-                [
-                    sys.executable,
-                    "-m",
-                    "server.cli",
-                    "--no-ui",
-                    "--port",
-                    str(p),
-                    "--model-dir",
-                    str(model.parent),
-                    "--ctx",
-                    str(args.ctx),
-                    "--parallel",
-                    str(n),
-                    "--threads",
-                    str(args.threads),
-                    "--log-level",
-                    "warning",
-                ],
+                lmx_cmd(p, model.parent, ctx=args.ctx, parallel=n, threads=args.threads),
                 "/health",
                 model.stem.lower(),
                 p,

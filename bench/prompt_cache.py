@@ -28,7 +28,6 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -42,6 +41,7 @@ import psutil
 from bench import (  # bench/bench.py, the directory of this script
     TOPICS,
     free_port,
+    lmx_cmd,
     stop,
     wait_idle,
     wait_ready,
@@ -186,28 +186,11 @@ class Bench:
 
     def lmx_cmd(self, port: int, *extra: str, swap: bool = False) -> list[str]:
         a = self.args
-        cmd = [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "--no-ui",
-            "--port",
-            str(port),
-            "--model-dir",
-            str(self.model_a.parent),
-            "--ctx",
-            str(a.ctx),
-            "--parallel",
-            "2",
-            "--threads",
-            str(a.threads),
-            "--max-memory",
-            a.max_memory,
-            "--prompt-cache-dir",
-            str(self.work / f"lmx-prompt-cache-{port}"),  # nothing left by an earlier run
-            "--log-level",
-            "warning",
-        ]
+        cache = self.work / f"lmx-prompt-cache-{port}"  # nothing left by an earlier run
+        more = ["--max-memory", a.max_memory, "--prompt-cache-dir", str(cache)]
+        cmd = lmx_cmd(
+            port, self.model_a.parent, ctx=a.ctx, parallel=2, threads=a.threads, extra=more
+        )
         if swap:
             cmd += ["--model-dir", str(self.model_b.parent), "--max-loaded-models", "1"]
         return cmd + list(extra)
