@@ -43,6 +43,8 @@ def narrow_models(node: Any) -> None:
         props = node.get("properties")
         if isinstance(props, dict) and isinstance(props.get("model"), dict):
             props["model"] = {"type": "string", "enum": [MODEL, "default", "smollm2"]}
+        if isinstance(props, dict) and isinstance(props.get("documents"), dict):
+            props["documents"]["maxItems"] = 4  # reranking 1000 documents takes minutes here
         if node.get("in") in ("path", "query") and node.get("name") in ("model_id", "model"):
             node["schema"] = {"type": "string", "enum": [MODEL]}
         for v in node.values():

@@ -531,3 +531,24 @@ def test_lmx_serves_a_llama_cpp_python_server_to_openai_and_ollama_clients(
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_admin_actions_take_a_model_id_with_a_slash(front: tuple[Runtime, ServerThread]) -> None:
+    """`peer/...` written as is and with %2F (which the server decodes before routing)."""
+    _, srv = front
+    quoted = MODEL.replace("/", "%2F")
+    for path in (MODEL, quoted):
+        r = httpx.post(f"{srv.url}/admin/models/{path}/load", timeout=120)
+        assert r.status_code == 200 and "event: loaded" in r.text, r.text
+        r = httpx.post(f"{srv.url}/admin/models/{path}/pin")
+        assert r.json() == {"model": MODEL, "pinned": True}
+        r = httpx.post(f"{srv.url}/admin/models/{path}/unpin")
+        assert r.json() == {"model": MODEL, "pinned": False}
+        r = httpx.post(f"{srv.url}/admin/models/{path}/unload")
+        assert r.json() == {"model": MODEL, "unloaded": True}
+    r = httpx.post(f"{srv.url}/admin/models/peer%2Fnosuch/load")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(f"{srv.url}/admin/models/{quoted}/frobnicate")
+    assert r.status_code == 404 and "No route" in r.json()["error"]["message"]
+    r = httpx.delete(f"{srv.url}/admin/models/{quoted}")  # an upstream's model is not a file
+    assert 400 <= r.status_code < 500, r.text

@@ -119,42 +119,19 @@ class AdminController(Controller):
         model_id: FromPath[str],
         ctx: Annotated[int | None, Parameter(ge=64, le=1_048_576)] = None,
     ) -> EventStream:
-        info = models.runs_on(model_id)  # unknown names fail here, as a plain 404
-
-        async def events() -> AsyncIterator[ServerSentEventMessage]:
-            yield _sse("loading", {"model": info.id, "estimate": models.estimate(info, ctx)})
-            try:
-                lm = await asyncio.to_thread(models.load, info.id, ctx)
-            except LmxError as e:
-                yield _sse("error", {"model": info.id, "error": e.message, "status": e.status})
-                return
-            yield _sse(
-                "loaded",
-                {
-                    "model": info.id,
-                    "seconds": round(lm.load_seconds, 3),
-                    "memory_measured": lm.measured,
-                    "memory_estimate": lm.estimate.total,
-                    "ctx": lm.options.n_ctx,
-                },
-            )
-
-        return EventStream(events())
+        return _load(models, model_id, ctx)
 
     @post("/models/{model_id:str}/unload", status_code=200)
     async def unload(
         self, models: NamedDependency[ModelService], model_id: FromPath[str]
     ) -> dict[str, Any]:
-        info = models.resolve(model_id)
-        done = await asyncio.to_thread(models.unload, info.id)
-        return {"model": info.id, "unloaded": done}
+        return await _unload(models, model_id)
 
     @delete("/models/{model_id:str}", status_code=200)
     async def remove(
         self, models: NamedDependency[ModelService], model_id: FromPath[str]
     ) -> dict[str, Any]:
-        path = await asyncio.to_thread(models.remove, model_id)
-        return {"removed": str(path)}
+        return await _remove(models, model_id)
 
     @post("/models/{model_id:str}/pin", status_code=200)
     async def pin(
@@ -167,6 +144,31 @@ class AdminController(Controller):
         self, models: NamedDependency[ModelService], model_id: FromPath[str]
     ) -> dict[str, Any]:
         return {"model": models.pin(model_id, False), "pinned": False}
+
+    # Ids with a slash (an upstream's `gpu/` prefix, hf.co/ORG/REPO names), written as is or
+    # with %2F (which the server decodes before routing): the same actions, the last path
+    # segment naming the action.
+    @post("/models/{target:path}", status_code=200, include_in_schema=False)
+    async def model_action(
+        self,
+        models: NamedDependency[ModelService],
+        target: FromPath[str],
+        ctx: Annotated[int | None, Parameter(ge=64, le=1_048_576)] = None,
+    ) -> Any:
+        model_id, _, action = target.strip("/").rpartition("/")
+        if model_id and action == "load":
+            return _load(models, model_id, ctx)
+        if model_id and action == "unload":
+            return await _unload(models, model_id)
+        if model_id and action in ("pin", "unpin"):
+            return {"model": models.pin(model_id, action == "pin"), "pinned": action == "pin"}
+        raise NotFound(f"No route for POST /admin/models/{target.strip('/')}", param=None)
+
+    @delete("/models/{target:path}", status_code=200, include_in_schema=False)
+    async def remove_path(
+        self, models: NamedDependency[ModelService], target: FromPath[str]
+    ) -> dict[str, Any]:
+        return await _remove(models, target.strip("/"))
 
     @post("/rescan", status_code=200)
     async def rescan(self, rt: NamedDependency[Runtime]) -> dict[str, Any]:
@@ -424,3 +426,39 @@ def metrics_handler(rt: Runtime) -> Any:
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return metrics
+
+
+def _load(models: ModelService, model_id: str, ctx: int | None) -> EventStream:
+    """Load with progress events: loading (the estimate), then loaded or error."""
+    info = models.runs_on(model_id)  # unknown names fail here, as a plain 404
+
+    async def events() -> AsyncIterator[ServerSentEventMessage]:
+        yield _sse("loading", {"model": info.id, "estimate": models.estimate(info, ctx)})
+        try:
+            lm = await asyncio.to_thread(models.load, info.id, ctx)
+        except LmxError as e:
+            yield _sse("error", {"model": info.id, "error": e.message, "status": e.status})
+            return
+        yield _sse(
+            "loaded",
+            {
+                "model": info.id,
+                "seconds": round(lm.load_seconds, 3),
+                "memory_measured": lm.measured,
+                "memory_estimate": lm.estimate.total,
+                "ctx": lm.options.n_ctx,
+            },
+        )
+
+    return EventStream(events())
+
+
+async def _unload(models: ModelService, model_id: str) -> dict[str, Any]:
+    info = models.runs_on(model_id)
+    done = await asyncio.to_thread(models.unload, info.id)
+    return {"model": info.id, "unloaded": done}
+
+
+async def _remove(models: ModelService, model_id: str) -> dict[str, Any]:
+    path = await asyncio.to_thread(models.remove, model_id)
+    return {"removed": str(path)}

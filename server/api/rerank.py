@@ -47,31 +47,42 @@ class RerankController(Controller):
     tags = ["rerank"]  # noqa: RUF012
     exception_handlers = OPENAI_ERRORS
 
-    @post(["/v1/rerank", "/rerank", "/v1/reranking", "/reranking"], status_code=200)
+    @post("/v1/rerank", status_code=200)
     async def rerank(
         self, rt: NamedDependency[Runtime], data: JSONBody[RerankBody]
     ) -> dict[str, Any]:
-        texts = [d if isinstance(d, str) else d.text for d in data.documents]
-        model, scores, n = await rt.service.rerank(
-            model_or_loaded(rt, data.model),
-            data.query,
-            texts,
-            instruction=data.instruction,
-            keep_alive=keep_alive_value(data.keep_alive),
-            label="rerank",
-            path="/v1/rerank",
-        )
-        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-        results = []
-        for i in order[: data.top_n]:
-            item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
-            if data.return_documents:
-                item["document"] = {"text": texts[i]}
-            results.append(item)
-        return {
-            "id": f"rerank-{uuid.uuid4().hex[:24]}",
-            "object": "list",
-            "model": model,
-            "results": results,
-            "usage": {"prompt_tokens": n, "total_tokens": n},
-        }
+        return await _rerank(rt, data)
+
+    # llama-server's other names for it (left out of the OpenAPI document: the same operation).
+    @post(["/rerank", "/v1/reranking", "/reranking"], status_code=200, include_in_schema=False)
+    async def rerank_aliases(
+        self, rt: NamedDependency[Runtime], data: JSONBody[RerankBody]
+    ) -> dict[str, Any]:
+        return await _rerank(rt, data)
+
+
+async def _rerank(rt: Runtime, data: RerankBody) -> dict[str, Any]:
+    texts = [d if isinstance(d, str) else d.text for d in data.documents]
+    model, scores, n = await rt.service.rerank(
+        model_or_loaded(rt, data.model),
+        data.query,
+        texts,
+        instruction=data.instruction,
+        keep_alive=keep_alive_value(data.keep_alive),
+        label="rerank",
+        path="/v1/rerank",
+    )
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    results = []
+    for i in order[: data.top_n]:
+        item: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+        if data.return_documents:
+            item["document"] = {"text": texts[i]}
+        results.append(item)
+    return {
+        "id": f"rerank-{uuid.uuid4().hex[:24]}",
+        "object": "list",
+        "model": model,
+        "results": results,
+        "usage": {"prompt_tokens": n, "total_tokens": n},
+    }
