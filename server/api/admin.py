@@ -154,14 +154,16 @@ class AdminController(Controller):
         models: NamedDependency[ModelService],
         target: FromPath[str],
         ctx: Annotated[int | None, Parameter(ge=64, le=1_048_576)] = None,
-    ) -> Any:
+    ) -> Response[Any]:
+        # A Response of its own each: the route serves an event stream and JSON.
         model_id, _, action = target.strip("/").rpartition("/")
         if model_id and action == "load":
             return _load(models, model_id, ctx)
         if model_id and action == "unload":
-            return await _unload(models, model_id)
+            return Response(await _unload(models, model_id))
         if model_id and action in ("pin", "unpin"):
-            return {"model": models.pin(model_id, action == "pin"), "pinned": action == "pin"}
+            pinned = action == "pin"
+            return Response({"model": models.pin(model_id, pinned), "pinned": pinned})
         raise NotFound(f"No route for POST /admin/models/{target.strip('/')}", param=None)
 
     @delete("/models/{target:path}", status_code=200, include_in_schema=False)
