@@ -48,6 +48,7 @@ from server.engines.rerank import (
     judge_score,
 )
 from server.engines.rerank import answer_tokens as rerank_answers
+from server.engines.rerank import check_lengths as check_rerank_lengths
 from server.engines.rerank import pack as rerank_pack
 from server.errors import ContextOverflow, EngineFailure, InvalidRequest, QueueFull
 
@@ -195,16 +196,16 @@ def _seq(slot: _Slot) -> int:
     return slot.seq
 
 
-def _slot_rank(slot: _Slot, prompt: list[int], affinity: str | None) -> tuple[int, ...]:
+def _slot_rank(slot: _Slot, prompt: list[int], affinity: str | None) -> tuple[float, ...]:
     """Which free slot a prompt takes (the highest rank). Without an affinity: the longest
     usable prefix among the slots no conversation claims, then the least recently used. With
     one: its own slot with the longest usable prefix; else an empty slot, else the least
     recently used, whatever prefix the others hold (a subagent that shares its parent's
     system prompt does not take over the parent's cached conversation)."""
     if affinity is None:
-        return (slot.owner is None, _usable(slot, prompt), -int(slot.last_used * 1e6))
+        return (slot.owner is None, _usable(slot, prompt), -slot.last_used)
     mine = slot.owner == affinity
-    return (mine, _usable(slot, prompt) if mine else 0, not slot.tokens, -int(slot.last_used * 1e6))
+    return (mine, _usable(slot, prompt) if mine else 0, not slot.tokens, -slot.last_used)
 
 
 def _usable(slot: _Slot, prompt: list[int]) -> int:
@@ -1049,11 +1050,7 @@ class LlamaCppEngine:
                 self._rank_ctx = self._make_rank_ctx(rank)
             ctx = self._rank_ctx
             n_ctx = int(llama_cpp.llama_n_ctx(ctx))
-            for i, p in enumerate(prompts):
-                if len(p) > n_ctx:
-                    err = ContextOverflow(len(p), n_ctx, what=f"query with documents[{i}]")
-                    err.param = "documents"
-                    raise err
+            check_rerank_lengths([len(p) for p in prompts], n_ctx)
             yes, no = rerank_answers(lambda w: self.tokenize(w, add_special=False, special=False))
             if not rank and (not yes or not no):
                 raise InvalidRequest(

@@ -47,6 +47,7 @@ from server.engines.base import (
 from server.engines.rerank import (
     JUDGE_TEMPLATE_KWARGS,
     answer_tokens,
+    check_lengths,
     judge_messages,
     judge_score,
 )
@@ -450,11 +451,7 @@ class MlxEngine:
             )
             for d in documents
         ]
-        for i, p in enumerate(prompts):
-            if len(p) > self.n_ctx_slot:
-                err = ContextOverflow(len(p), self.n_ctx_slot, what=f"query with documents[{i}]")
-                err.param = "documents"
-                raise err
+        check_lengths([len(p) for p in prompts], self.n_ctx_slot)
         yes, no = answer_tokens(lambda w: self.tokenize(w, add_special=False, special=False))
         if not yes or not no:
             raise InvalidRequest(

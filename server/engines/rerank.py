@@ -18,6 +18,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from server.errors import ContextOverflow
+
 JUDGE_SYSTEM = (
     "Judge whether the Document meets the requirements based on the Query and the Instruct "
     'provided. Note that the answer can only be "yes" or "no".'
@@ -50,6 +52,15 @@ def answer_tokens(tokenize: Callable[[str], list[int]]) -> tuple[list[int], list
     yes = {t[0] for w in ("yes", "Yes", "YES") if (t := tokenize(w))}
     no = {t[0] for w in ("no", "No", "NO") if (t := tokenize(w))}
     return sorted(yes - no), sorted(no - yes)
+
+
+def check_lengths(lengths: Sequence[int], limit: int) -> None:
+    """Each (query, document) prompt fits `limit` tokens, else the context error naming it."""
+    for i, n in enumerate(lengths):
+        if n > limit:
+            err = ContextOverflow(n, limit, what=f"query with documents[{i}]")
+            err.param = "documents"
+            raise err
 
 
 def _logsumexp(values: Sequence[float]) -> float:

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -53,6 +53,7 @@ from server.errors import (
 )
 from server.upstreams import UpstreamModel, unreachable, upstream_error
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 # lmx's sampling names -> the names OpenAI-compatible servers read. repeat_penalty goes under
@@ -343,61 +344,56 @@ class UpstreamEngine:
     def path_for(self, text: TextPrompt) -> str:
         return "/chat/completions" if text.messages is not None else "/completions"
 
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """The upstream's embeddings (blocking; called from a worker thread)."""
-        if self._loop is None or self._closing:
-            raise EngineFailure(f"{self.info.id} is unloading")
-        future = asyncio.run_coroutine_threadsafe(self._embed(texts), self._loop)
-        return future.result(EMBED_TIMEOUT)
-
     def rerank(
         self, query: str, documents: list[str], instruction: str | None = None
     ) -> tuple[list[float], int]:
         """The upstream's rerank (llama-server, vLLM, LocalAI take this shape)."""
-        if self._loop is None or self._closing:
-            raise EngineFailure(f"{self.info.id} is unloading")
-        future = asyncio.run_coroutine_threadsafe(self._rerank(query, documents), self._loop)
-        return future.result(EMBED_TIMEOUT)
 
-    async def _rerank(self, query: str, documents: list[str]) -> tuple[list[float], int]:
-        assert self._client is not None
-        url = self.server.url + "/rerank"
-        body = {"model": self.ref.model, "query": query, "documents": documents}
-        try:
-            r = await self._client.post(url, json=body)
-        except httpx.HTTPError as e:
-            raise unreachable(self.server.name, self.server.url, e) from e
-        if r.status_code != 200:
-            raise upstream_error(self.server.name, r.status_code, r.content)
-        try:
-            data = r.json()
+        def parse(data: Any) -> list[float]:
             scores = [0.0] * len(documents)
             for item in data["results"]:
                 scores[int(item["index"])] = float(item["relevance_score"])
-            return scores, int((data.get("usage") or {}).get("prompt_tokens") or 0)
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-            raise UpstreamError(
-                f"upstream {self.server.name} answered rerank in an unknown shape: {e!r}",
-                status=502,
-            ) from e
+            return scores
 
-    async def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        body = {"model": self.ref.model, "query": query, "documents": documents}
+        return self._side_call("/rerank", body, parse, "rerank")
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """The upstream's embeddings (blocking; called from a worker thread)."""
+
+        def parse(data: Any) -> list[list[float]]:
+            items = sorted(data["data"], key=lambda d: d.get("index", 0))
+            return [[float(x) for x in d["embedding"]] for d in items]
+
+        body = {"model": self.ref.model, "input": texts}
+        return self._side_call("/embeddings", body, parse, "embeddings")
+
+    def _side_call(
+        self, path: str, body: dict[str, Any], parse: Callable[[Any], T], what: str
+    ) -> tuple[T, int]:
+        """POST `body` to the upstream's `path` from a worker thread: what `parse` makes of
+        the answer, and the prompt tokens its usage reports."""
+        if self._loop is None or self._closing:
+            raise EngineFailure(f"{self.info.id} is unloading")
+        future = asyncio.run_coroutine_threadsafe(self._post(path, body, parse, what), self._loop)
+        return future.result(EMBED_TIMEOUT)
+
+    async def _post(
+        self, path: str, body: dict[str, Any], parse: Callable[[Any], T], what: str
+    ) -> tuple[T, int]:
         assert self._client is not None
-        url = self.server.url + "/embeddings"
         try:
-            r = await self._client.post(url, json={"model": self.ref.model, "input": texts})
+            r = await self._client.post(self.server.url + path, json=body)
         except httpx.HTTPError as e:
             raise unreachable(self.server.name, self.server.url, e) from e
         if r.status_code != 200:
             raise upstream_error(self.server.name, r.status_code, r.content)
         try:
             data = r.json()
-            items = sorted(data["data"], key=lambda d: d.get("index", 0))
-            vectors = [[float(x) for x in d["embedding"]] for d in items]
-            return vectors, int((data.get("usage") or {}).get("prompt_tokens") or 0)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return parse(data), int((data.get("usage") or {}).get("prompt_tokens") or 0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
             raise UpstreamError(
-                f"upstream {self.server.name} answered embeddings in an unknown shape: {e!r}",
+                f"upstream {self.server.name} answered {what} in an unknown shape: {e!r}",
                 status=502,
             ) from e
 
